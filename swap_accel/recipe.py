@@ -1,0 +1,245 @@
+"""Recipe schema: a strict, typed description of one SWAP (or plain SGD) run.
+
+Every section forbids unknown keys, so a typo is an error naming the key instead of a silently
+ignored setting. `load_recipe` reads YAML, applies typed `--set a.b=c` overrides and validates
+the result; `RecipeError` carries a one-line message naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe problem, already phrased as one line for the user."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Strict):
+    """Batched on-device augmentation for in-memory data (paper section 5.1: crop, flip, cutout)."""
+
+    crop_padding: int = Field(4, ge=0)
+    flip: bool = True
+    cutout_size: int = Field(8, ge=0)
+
+
+class DataConfig(Strict):
+    source: Literal["fashion_mnist", "hub", "imagefolder"] = "fashion_mnist"
+    # Hub data set name or a local directory `datasets.load_dataset` understands (source: hub).
+    name: str | None = None
+    # Fashion-MNIST IDX directory, or the image-folder root (ImageNet layout: root/split/class/x.jpg).
+    root: Path | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    # Small data sets live in memory as uint8 tensors and are augmented on the device;
+    # large ones stream through DataLoader workers with timm transforms.
+    in_memory: bool = True
+    image_size: int | None = Field(None, gt=0)
+    train_subset: int | None = Field(None, gt=0)
+    test_subset: int | None = Field(None, gt=0)
+    num_workers: int = Field(4, ge=0)
+    cache_dir: Path | None = None
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataConfig:
+        if self.source == "hub" and not self.name:
+            raise ValueError("data.name is required for source 'hub' (e.g. uoft-cs/cifar10)")
+        if self.source == "imagefolder" and self.root is None:
+            raise ValueError("data.root is required for source 'imagefolder'")
+        return self
+
+
+class ModelConfig(Strict):
+    # Any timm model name; `resnet9` is ours (swap_accel.models).
+    name: str = "resnet9"
+    kwargs: dict[str, Any] = {}
+    channels_last: bool = False
+
+
+class OptimizerConfig(Strict):
+    # Paper section 5.1: SGD with Nesterov momentum 0.9 and weight decay 5e-4.
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class LRConfig(Strict):
+    """Linear warm-up to `peak`, then decay to zero at `schedule_epochs` (paper Fig. 1, Tables 5-6).
+
+    `start_epoch` enters the schedule part-way: the ImageNet recipe's phase 2 resumes the original
+    schedule at epoch 22 (paper section 5.2).
+    """
+
+    peak: float = Field(gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    schedule_epochs: float | None = Field(None, gt=0)
+    start_epoch: float = Field(0.0, ge=0)
+    shape: Literal["linear", "cosine"] = "linear"
+
+
+class Phase1Config(Strict):
+    """Synchronized large-batch phase (or the whole run in `mode: sgd`)."""
+
+    global_batch_size: int = Field(gt=0)
+    # Per-process micro-batch for gradient accumulation; defaults to the whole per-process batch.
+    micro_batch_size: int | None = Field(None, gt=0)
+    max_epochs: int = Field(gt=0)
+    # τ: leave phase 1 once the all-reduced training accuracy of the last epoch reaches it.
+    stop_train_accuracy: float | None = Field(None, gt=0, le=1)
+    lr: LRConfig
+
+
+class Phase2Config(Strict):
+    """Independent small-batch refinement, one worker per process, no communication."""
+
+    per_worker_batch_size: int = Field(gt=0)
+    epochs: int = Field(gt=0)
+    lr: LRConfig
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(1024, gt=0)
+    # Samples used to recompute BatchNorm statistics after averaging (None: the whole train set).
+    bn_samples: int | None = Field(None, gt=0)
+    bn_batch_size: int = Field(512, gt=0)
+
+
+class Recipe(Strict):
+    name: str = "swap"
+    mode: Literal["swap", "sgd"] = "swap"
+    seed: int = 0
+    output_dir: Path | None = None
+    # fp16 needs a loss scaler per optimizer; phase 2's local optimizers would each need their own.
+    mixed_precision: Literal["no", "bf16"] = "no"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    phase1: Phase1Config
+    phase2: Phase2Config | None = None
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.mode == "swap":
+            if self.phase2 is None:
+                raise ValueError("mode 'swap' needs a phase2 section (or set mode: sgd)")
+            if self.phase1.stop_train_accuracy is None:
+                raise ValueError("mode 'swap' needs phase1.stop_train_accuracy (τ in (0, 1], e.g. 0.98)")
+        for section, epochs in (("phase1", self.phase1.max_epochs), ("phase2", self.phase2 and self.phase2.epochs)):
+            if not epochs:
+                continue
+            lr = getattr(self, section).lr
+            length = lr.schedule_epochs or epochs
+            if lr.warmup_epochs > length:
+                raise ValueError(f"{section}.lr.warmup_epochs ({lr.warmup_epochs}) exceeds the schedule length ({length})")
+            if lr.start_epoch + epochs > length + 1e-9:
+                raise ValueError(
+                    f"{section}: start_epoch + epochs ({lr.start_epoch + epochs}) runs past "
+                    f"lr.schedule_epochs ({length}); lengthen the schedule or train fewer epochs"
+                )
+        return self
+
+    def check_processes(self, num_processes: int) -> None:
+        """Checks that need the process count; run before any process group forms."""
+        b1 = self.phase1.global_batch_size
+        if b1 % num_processes:
+            raise RecipeError(
+                f"phase1.global_batch_size={b1} is not divisible by {num_processes} processes; "
+                f"use a multiple of {num_processes} (e.g. {max(num_processes, b1 // num_processes * num_processes)})"
+            )
+        per_process = b1 // num_processes
+        micro = self.phase1.micro_batch_size
+        if micro is not None and per_process % micro:
+            raise RecipeError(
+                f"phase1.micro_batch_size={micro} does not divide the per-process batch {per_process} "
+                f"(global {b1} / {num_processes} processes); pick a divisor of {per_process}"
+            )
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+        parent = _fields_at(first["loc"][:-1])
+        close = difflib.get_close_matches(str(first["loc"][-1]), parent, n=1)
+        fix = f"did you mean '{'.'.join(map(str, first['loc'][:-1] + (close[0],)))}'?" if close else ""
+        fix = fix or f"valid keys here: {', '.join(sorted(parent))}"
+        return f"{source}: {loc}: {msg}; {fix}"
+    if first["type"] == "missing":
+        return f"{source}: {loc}: required key is missing; add it to the recipe"
+    return f"{source}: {loc}: {msg} (got {first.get('input')!r}); fix the value in the recipe or --set"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        model = field.annotation
+        args = getattr(model, "__args__", ())
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), model)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `a.b=c` override; the value is parsed as YAML so numbers and booleans stay typed."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set phase1.max_epochs=10")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node, model = raw, Recipe
+    for i, part in enumerate(parts):
+        fields = list(model.model_fields) if model is not None else []
+        if model is not None and part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f"did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else f"valid keys: {', '.join(fields)}"
+            raise RecipeError(f"--set {key}: no such recipe key '{'.'.join(parts[: i + 1])}'; {hint}")
+        if i == len(parts) - 1:
+            node[part] = yaml.safe_load(value)
+            return
+        sub = model.model_fields[part].annotation if model is not None else None
+        args = getattr(sub, "__args__", ())
+        sub = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), sub)
+        model = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found; pass a YAML file such as recipes/fashion_mnist.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the recipe must be a mapping of sections (model:, data:, phase1: ...)")
+    raw.setdefault("name", path.stem)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_error(e, str(path))) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,64 @@
+"""Sample orders: which indices each process visits, in which order, in each phase.
+
+Kept as pure functions of (seed, rank/worker, epoch) so tests and resumed runs can recompute
+exactly the order a run used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (e.g. seed, purpose, worker, epoch)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+# Purposes keep the streams of different uses independent.
+PHASE1, PHASE2, BN, AUGMENT = 1, 2, 3, 4
+
+
+def phase1_shard(n: int, *, seed: int, epoch: int, global_batch: int, rank: int, num_processes: int) -> torch.Tensor:
+    """This rank's indices for one phase-1 epoch, in step order.
+
+    All ranks draw the same permutation and step s uses its s-th block of `global_batch` samples,
+    rank r taking the r-th slice of that block (data-parallel, paper section 3). The tail that does
+    not fill a global batch is dropped so every rank takes the same number of equal-sized steps;
+    it differs every epoch, so no sample is systematically skipped.
+    """
+    steps = n // global_batch
+    per_process = global_batch // num_processes
+    perm = _permutation(n, derive_seed(seed, PHASE1, epoch))[: steps * global_batch]
+    return perm.view(steps, num_processes, per_process)[:, rank].reshape(-1)
+
+
+def worker_order(n: int, *, seed: int, worker: int, epoch: int) -> torch.Tensor:
+    """A worker's own random order over the *whole* training set for one phase-2 epoch (paper
+    section 3: "each worker ... performs training using all the data, but sampling in different
+    random order")."""
+    return _permutation(n, derive_seed(seed, PHASE2, worker, epoch))
+
+
+def bn_order(n: int, *, seed: int, samples: int | None) -> torch.Tensor:
+    """The samples (in batch order) used to recompute BatchNorm statistics after averaging."""
+    return _permutation(n, derive_seed(seed, BN))[: samples or n]
+
+
+def bn_shard(order: torch.Tensor, *, batch_size: int, rank: int, num_processes: int) -> torch.Tensor:
+    """Batches i ≡ rank (mod P) of `order`, concatenated. Re-splitting the result by `batch_size`
+    gives exactly those batches (only the globally last batch can be partial, and it stays last),
+    so the sharded pass sees the same batches as a single process would."""
+    batches = order.split(batch_size)
+    mine = batches[rank::num_processes]
+    return torch.cat(mine) if mine else order[:0]
+
+
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]

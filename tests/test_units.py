@@ -1,0 +1,167 @@
+"""Unit tests: schedules, the recipe schema, the model registry, sample orders."""
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import swap_accel  # noqa: F401  (registers resnet9)
+from swap_accel.models import ModelError, build_model, check_model_name
+from swap_accel.recipe import LRConfig, RecipeError, load_recipe
+from swap_accel.sampling import bn_order, bn_shard, phase1_shard, worker_order
+from swap_accel.schedules import lr_at_epoch, make_schedule
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+# --- schedules -------------------------------------------------------------------------------
+
+def test_linear_warmup_then_decay_to_zero():
+    f = lambda e: lr_at_epoch(e, peak=1.2, warmup_epochs=30, total_epochs=150, shape="linear")  # noqa: E731
+    assert f(0) == 0 and f(15) == pytest.approx(0.6) and f(30) == pytest.approx(1.2)
+    assert f(90) == pytest.approx(0.6) and f(150) == pytest.approx(0.0) and f(200) == pytest.approx(0.0)
+
+
+def test_cosine_shape_and_midpoint_steps():
+    assert lr_at_epoch(5, peak=1.0, warmup_epochs=0, total_epochs=10, shape="cosine") == pytest.approx(0.5)
+    lr_at = make_schedule(LRConfig(peak=1.0, warmup_epochs=1), epochs=2, steps_per_epoch=4)
+    lrs = [lr_at(s) for s in range(8)]
+    assert lrs[:4] == pytest.approx([0.125, 0.375, 0.625, 0.875])  # warm-up, first step not wasted at 0
+    assert lrs[4:] == pytest.approx([0.875, 0.625, 0.375, 0.125])  # decay, last step not at 0
+    assert lr_at(0) == lr_at(0)  # pure: same input, same output
+
+
+def test_start_epoch_enters_schedule_partway():
+    # ImageNet phase 2 (paper section 5.2): the last 6 epochs of a 28-epoch schedule.
+    lr_at = make_schedule(LRConfig(peak=0.05, warmup_epochs=2, schedule_epochs=28, start_epoch=22), epochs=6,
+                          steps_per_epoch=10)
+    full = lambda e: lr_at_epoch(e, peak=0.05, warmup_epochs=2, total_epochs=28, shape="linear")  # noqa: E731
+    assert lr_at(0) == pytest.approx(full(22.05)) and lr_at(59) == pytest.approx(full(27.95))
+
+
+# --- recipe schema ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar100", "imagenet"])
+def test_shipped_recipes_validate(name):
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    recipe.check_processes(2)
+    assert recipe.mode == "swap" and recipe.phase2 is not None
+
+
+def test_paper_table5_numbers_in_cifar10_recipe():
+    r = load_recipe(RECIPES / "cifar10.yaml")
+    assert (r.phase1.global_batch_size, r.phase1.lr.peak, r.phase1.max_epochs, r.phase1.lr.warmup_epochs) == (
+        4096, 1.2, 150, 30)
+    assert (r.phase1.stop_train_accuracy, r.phase2.per_worker_batch_size, r.phase2.lr.peak, r.phase2.epochs) == (
+        0.98, 512, 0.12, 30)
+    assert (r.optimizer.momentum, r.optimizer.weight_decay, r.optimizer.nesterov) == (0.9, 5e-4, True)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "phase1: {global_batch_size: 64, max_epochs: 2, stop_train_accuracy: 0.9, lr: {peak: 0.1}}\n" \
+       "phase2: {per_worker_batch_size: 16, epochs: 1, lr: {peak: 0.01}}\n"
+
+
+@pytest.mark.parametrize("extra, overrides, fragment", [
+    ("phase1x: 1\n", [], "phase1x: unknown key"),
+    ("model: {nmae: resnet9}\n", [], "did you mean 'model.name'"),
+    ("", ["phase1.global_batch_size=abc"], "phase1.global_batch_size"),
+    ("", ["phase1.global_batch_size=0"], "greater than 0"),
+    ("", ["phase1.stop_train_accuracy=1.5"], "phase1.stop_train_accuracy"),
+    ("", ["phase1.stop_train_accuracy=0"], "phase1.stop_train_accuracy"),
+    ("", ["phase1.lr.peak=-0.1"], "phase1.lr.peak"),
+    ("", ["phase2.epochs=0"], "phase2.epochs"),
+    ("", ["phase1.max_epocs=3"], "did you mean 'phase1.max_epochs'"),
+    ("", ["phase1.lr.warmup_epochs=5"], "warmup_epochs"),
+    ("", ["phase1=3"], "phase1"),
+    ("", ["mode=swop"], "mode"),
+])
+def test_bad_recipes_name_the_key(tmp_path, extra, overrides, fragment):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, BASE + extra), overrides)
+    message = str(err.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_overrides_are_typed(tmp_path):
+    r = load_recipe(_write(tmp_path, BASE), ["phase1.max_epochs=7", "model.channels_last=true", "phase1.lr.peak=0.5",
+                                              "model.kwargs={base_width: 8}"])
+    assert r.phase1.max_epochs == 7 and r.model.channels_last is True and r.phase1.lr.peak == 0.5
+    assert r.model.kwargs == {"base_width": 8}
+
+
+def test_process_count_checks(tmp_path):
+    r = load_recipe(_write(tmp_path, BASE))
+    r.check_processes(2)
+    with pytest.raises(RecipeError, match="not divisible by 3 processes"):
+        r.check_processes(3)
+    r = load_recipe(_write(tmp_path, BASE), ["phase1.micro_batch_size=5"])
+    with pytest.raises(RecipeError, match="micro_batch_size=5"):
+        r.check_processes(2)
+
+
+def test_swap_mode_requires_phase2_and_tau(tmp_path):
+    with pytest.raises(RecipeError, match="phase2"):
+        load_recipe(_write(tmp_path, BASE.splitlines()[0] + "\n"))
+    load_recipe(_write(tmp_path, BASE.splitlines()[0] + "\n"), ["mode=sgd"])
+
+
+# --- model registry ----------------------------------------------------------------------------
+
+def test_resnet9_is_a_timm_model():
+    assert "resnet9" in timm.list_models("resnet9*")
+    net = timm.create_model("resnet9", num_classes=7, in_chans=1, base_width=8)
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    widths = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [8, 16, 16, 16, 32, 64, 64, 64]  # prep, layer1 + residual, layer2, layer3 + residual
+
+
+def test_resnet9_default_width_matches_dawnbench():
+    net = timm.create_model("resnet9")
+    assert [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)] == [
+        64, 128, 128, 128, 256, 512, 512, 512]
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(net(x), net.fc(net.forward_head(net.forward_features(x), pre_logits=True)) * 0.125)
+
+
+def test_any_timm_model_and_unknown_names():
+    net = build_model("resnet18", in_chans=1, num_classes=10)
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ModelError, match="did you mean.*resnet18"):
+        check_model_name("resnet81")
+    with pytest.raises(ModelError, match="base_widht"):
+        build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_widht": 8})
+
+
+# --- sample orders ----------------------------------------------------------------------------
+
+def test_phase1_shards_partition_each_global_batch():
+    shards = [phase1_shard(1000, seed=1, epoch=3, global_batch=96, rank=r, num_processes=3) for r in range(3)]
+    assert all(len(s) == 10 * 32 for s in shards)
+    union = torch.cat(shards)
+    assert union.unique().numel() == union.numel()  # disjoint
+    steps = torch.stack([s.view(10, 32) for s in shards], 1)  # step s of rank r
+    assert steps.shape == (10, 3, 32)
+
+
+def test_worker_orders_are_permutations_differing_by_worker_and_epoch():
+    a, b = worker_order(500, seed=0, worker=0, epoch=0), worker_order(500, seed=0, worker=1, epoch=0)
+    assert torch.equal(a.sort().values, torch.arange(500)) and torch.equal(b.sort().values, torch.arange(500))
+    assert not torch.equal(a, b) and not torch.equal(a, worker_order(500, seed=0, worker=0, epoch=1))
+    assert torch.equal(a, worker_order(500, seed=0, worker=0, epoch=0))
+
+
+def test_bn_shards_rebuild_the_same_batches():
+    order = bn_order(1000, seed=0, samples=650)
+    batches = order.split(100)
+    for p in (1, 2, 3):
+        rebuilt = [b for r in range(p) for b in bn_shard(order, batch_size=100, rank=r, num_processes=p).split(100)]
+        key = lambda t: t.tolist()  # noqa: E731
+        assert sorted(map(key, rebuilt)) == sorted(map(key, batches))
