@@ -1,0 +1,44 @@
+"""Test accuracy: of the shared model, sharded across processes, and of one worker's own model.
+
+The shared (phase-1 or averaged) model is evaluated in shards with Accelerate's prepared loader and
+`gather_for_metrics`, which drops the padding of the last uneven shard, so exactly len(test set)
+samples count. A phase-2 worker's model exists on one process only, so it is evaluated there over
+the whole test set with no communication (issue 2: "each worker's own model before averaging").
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from .data import DataSource
+
+
+@torch.no_grad()
+def evaluate_shared(module: nn.Module, loader, accelerator: Accelerator) -> tuple[float, int]:
+    """(accuracy, samples counted) of a model that is identical on every process."""
+    module.eval()
+    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    counted = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    for x, y in loader:
+        with accelerator.autocast():
+            preds = module(x).argmax(1)
+        preds, y = accelerator.gather_for_metrics((preds, y))
+        correct += (preds == y).sum()
+        counted += y.numel()
+    module.train()
+    return correct.item() / max(counted.item(), 1), int(counted.item())
+
+
+@torch.no_grad()
+def evaluate_local(module: nn.Module, source: DataSource, batch_size: int, accelerator: Accelerator) -> float:
+    """Accuracy of this process's own model over the whole test set; no collectives."""
+    module.eval()
+    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    order = torch.arange(source.num_samples)
+    for x, y in source.batches(order, batch_size, augment=False, generator=None):
+        with accelerator.autocast():
+            correct += (module(x).argmax(1) == y).sum()
+    module.train()
+    return correct.item() / source.num_samples

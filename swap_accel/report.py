@@ -1,0 +1,34 @@
+"""The paper's Table 1 for one or several runs, from their `results.json`."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
+    """(method, test accuracy %, training seconds, critical-path steps) rows for one run."""
+    steps = str(results["critical_path_steps"])
+    p1 = results["phase1"]
+    if results["mode"] == "sgd":
+        label = f"SGD (batch {results['phase1']['global_batch_size']})"
+        return [(label, f"{100 * results['test_acc']:.2f}", f"{p1['seconds']:.1f}", steps)]
+    before, train_s = results["before_averaging"], p1["seconds"] + results["phase2"]["seconds"]
+    return [
+        ("SWAP (before averaging)", f"{100 * before['mean']:.2f} ± {100 * before['std']:.2f}", f"{train_s:.1f}", steps),
+        ("SWAP (after averaging)", f"{100 * results['after_averaging']['test_acc']:.2f}",
+         f"{train_s + results['phase3']['seconds']:.1f}", steps),
+    ]
+
+
+def print_table(runs: list[dict], console: Console | None = None) -> None:
+    table = Table(title="Test accuracy and training time (paper Table 1 layout)")
+    for column in ("run", "method", "test acc (%)", "train time (s)", "critical-path steps"):
+        table.add_column(column, no_wrap=True)
+    for results in runs:
+        for row in table_rows(results):
+            table.add_row(results.get("name", ""), *row)
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 120)  # logs and CI: no wrapping at the 80-column default
+    console.print(table)

@@ -1,0 +1,172 @@
+"""`train(recipe, run_dir)`: SWAP as the paper's Algorithm 1, three phases called in order.
+
+Phase 1 trains one data-parallel model with a large batch until the training accuracy reaches τ;
+phase 2 lets every process refine its own copy with no communication; phase 3 averages the
+workers' weights, recomputes BatchNorm statistics and evaluates. `mode: sgd` stops after phase 1
+with the full epoch budget: the paper's small- and large-batch baselines through the same code.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from . import __version__
+from .bn import recalibrate_bn_
+from .checkpoints import save_weights, write_json, write_text
+from .data import load_data
+from .distributed import (
+    CollectiveCounter,
+    average_parameters_,
+    broadcast_buffers_,
+    gather_values,
+    make_accelerator,
+)
+from .evaluate import evaluate_local, evaluate_shared
+from .models import build_model
+from .phase1 import train_phase1
+from .phase2 import make_sgd, train_phase2
+from .recipe import Recipe, dump_recipe
+from .report import print_table
+from .sampling import digest
+
+PHASES = ("setup", "phase1", "phase2", "phase3", "evaluation", "report")
+
+
+def _params_digest(module: torch.nn.Module) -> str:
+    return digest(torch.cat([p.detach().reshape(-1).cpu() for p in module.parameters()]))
+
+
+def _printer(accelerator):
+    """Per-epoch lines from the main process only; other ranks stay quiet (errors carry their rank)."""
+
+    def log(row: dict) -> None:
+        if not accelerator.is_main_process:
+            return
+        who = f"phase {row['phase']}" + (f" worker {row['worker']}" if "worker" in row else "")
+        accelerator.print(
+            f"{who} | epoch {row['epoch']} | step {row['step']} | lr {row['lr']:.4f} | loss {row['train_loss']:.4f} "
+            f"| train acc {100 * row['train_acc']:.2f}% | {row['images_per_s']:.0f} img/s | {row['seconds']:.1f} s",
+            flush=True,
+        )
+
+    return log
+
+
+def train(recipe: Recipe, run_dir: Path) -> dict | None:
+    """Run one recipe; returns `results` on the main process (None elsewhere)."""
+    started = time.perf_counter()
+    accelerator = make_accelerator(recipe.mixed_precision)
+    counter = CollectiveCounter().install()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    log = _printer(accelerator)
+    set_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+
+    train_data = load_data(recipe.data, accelerator.device, split="train")
+    test_data = load_data(recipe.data, accelerator.device, split="test")
+    module = build_model(recipe.model.name, in_chans=train_data.in_chans, num_classes=train_data.num_classes,
+                         kwargs=recipe.model.kwargs)
+    if recipe.model.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, recipe.phase1.lr.peak))
+    counter.watch_ddp(model)
+    test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
+    module = accelerator.unwrap_model(model)
+    accelerator.print(
+        f"swap_accel {__version__}: {recipe.mode} | {recipe.model.name} on {train_data.num_samples} train / "
+        f"{test_data.num_samples} test samples | {world} process(es) on {accelerator.device} "
+        f"({accelerator.distributed_type.value}, {torch.get_num_threads()} threads each) | run dir {run_dir}",
+        flush=True,
+    )
+
+    # Phase 1: synchronized large-batch training to τ.
+    with counter.phase("phase1"):
+        p1 = train_phase1(model, optimizer, train_data, recipe.phase1, recipe.optimizer, accelerator,
+                          seed=recipe.seed, log=log)
+        broadcast_buffers_(module, accelerator)
+    rank_record = {"rank": rank, "phase1": {"steps": p1.steps, "epochs": p1.epochs, "params": _params_digest(module)}}
+    eval_start = time.perf_counter()
+    with counter.phase("evaluation"):
+        p1_test_acc, _ = evaluate_shared(module, test_loader, accelerator)
+    eval_seconds = time.perf_counter() - eval_start
+    accelerator.print(f"phase 1 done: {p1.epochs} epochs, {p1.steps} steps, {p1.seconds:.1f} s, "
+                      f"train acc {100 * p1.train_acc:.2f}%, test acc {100 * p1_test_acc:.2f}%", flush=True)
+    results = {
+        "name": recipe.name, "mode": recipe.mode, "version": __version__, "num_processes": world,
+        "model": recipe.model.name, "device": str(accelerator.device), "platform": platform.platform(),
+        "phase1": {"epochs": p1.epochs, "steps": p1.steps, "seconds": p1.seconds, "train_acc": p1.train_acc,
+                   "train_loss": p1.train_loss, "reached_tau": p1.reached_tau, "test_acc": p1_test_acc,
+                   "global_batch_size": recipe.phase1.global_batch_size, "history": p1.history},
+        "phase2": None, "phase3": None, "workers": [], "before_averaging": None, "after_averaging": None,
+        "test_acc": p1_test_acc, "critical_path_steps": p1.steps,
+    }
+
+    if recipe.mode == "swap":
+        # Phase 2: independent small-batch refinement, one worker per process, no communication.
+        with counter.phase("phase2"):
+            p2 = train_phase2(module, train_data, recipe.phase2, recipe.optimizer, accelerator,
+                              seed=recipe.seed, worker=rank, log=log)
+        rank_record["phase2"] = {"steps": p2.steps, "params": _params_digest(module),
+                                 "samples_per_epoch": p2.samples_per_epoch, "order_digests": p2.order_digests}
+        eval_start = time.perf_counter()
+        with counter.phase("evaluation"):
+            worker_acc = evaluate_local(module, test_data, recipe.eval.batch_size, accelerator)
+        eval_seconds += time.perf_counter() - eval_start
+        (run_dir / "workers").mkdir(exist_ok=True)
+        save_weights(run_dir / "workers" / f"worker{rank}.safetensors", module,
+                     {"worker": str(rank), "phase2_steps": str(p2.steps), "test_acc": str(worker_acc)})
+
+        # Phase 3: average the workers' weights, recompute BN statistics, evaluate.
+        p3_start = time.perf_counter()
+        with counter.phase("phase3"):
+            averaged = average_parameters_(module, accelerator)
+            bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
+                                 batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
+        p3_seconds = time.perf_counter() - p3_start
+        eval_start = time.perf_counter()
+        with counter.phase("evaluation"):
+            final_acc, counted = evaluate_shared(module, test_loader, accelerator)
+        eval_seconds += time.perf_counter() - eval_start
+        with counter.phase("report"):
+            per_worker = gather_values(torch.tensor([worker_acc, p2.train_acc], device=accelerator.device), accelerator)
+        accs = per_worker[:, 0].tolist()
+        results.update({
+            "phase2": {"epochs": p2.epochs, "steps_per_worker": p2.steps, "seconds": p2.seconds,
+                       "per_worker_batch_size": recipe.phase2.per_worker_batch_size, "history": p2.history},
+            "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "bn": bn},
+            "workers": [{"index": i, "test_acc": a, "train_acc": t} for i, (a, t) in enumerate(per_worker.tolist())],
+            "before_averaging": {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0},
+            "after_averaging": {"test_acc": final_acc, "samples": counted},
+            "test_acc": final_acc,
+            "critical_path_steps": p1.steps + p2.steps,
+        })
+
+    # Collective counts of every rank (counted, not assumed); this gather itself is in "report".
+    with counter.phase("report"):
+        calls = torch.tensor([[counter.calls[p], counter.bytes[p]] for p in PHASES], device=accelerator.device)
+        all_calls = gather_values(calls, accelerator)
+    rank_record["collectives"] = counter.summary()
+    (run_dir / "ranks").mkdir(exist_ok=True)
+    write_json(run_dir / "ranks" / f"rank{rank}.json", rank_record)
+    counter.uninstall()
+    results["collectives"] = {p: {"calls": int(all_calls[:, i, 0].max()), "bytes": int(all_calls[:, i, 1].max())}
+                              for i, p in enumerate(PHASES)}
+    results["evaluation_seconds"] = eval_seconds
+    results["total_seconds"] = time.perf_counter() - started
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.end_training()
+        return None
+    save_weights(run_dir / "model.safetensors", module, {"name": recipe.name, "test_acc": str(results["test_acc"])})
+    write_json(run_dir / "results.json", results)
+    print_table([results])
+    accelerator.end_training()
+    return results
