@@ -58,7 +58,8 @@ def recalibrate_bn_(
     module.train()
     try:
         order = bn_order(source.num_samples, seed=seed, samples=samples)
-        mine = bn_shard(order, batch_size=batch_size, rank=accelerator.process_index, num_processes=accelerator.num_processes)
+        mine = bn_shard(order, batch_size=batch_size, rank=accelerator.process_index,
+                        num_processes=accelerator.num_processes)
         for x, _ in source.batches(mine, batch_size, augment=False, generator=None):
             with accelerator.autocast():
                 module(x)

@@ -18,7 +18,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SWAP (Stochastic Weight Averaging in Parallel) training on Accelerate.")
 
-Overrides = Annotated[list[str], typer.Option("--set", help="Typed recipe override KEY.SUB=VALUE (repeatable).")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="Typed recipe override KEY.SUB=VALUE (repeatable).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
 
 
@@ -51,7 +51,7 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
     from .models import check_model_name
     from .recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides or [])
     recipe.check_processes(num_processes)
     check_model_name(recipe.model.name)
     run_dir = run_dir_for(recipe, out)
@@ -64,7 +64,7 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/fashion_mnist.yaml")],
-    overrides: Overrides = [],
+    overrides: Overrides = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in the run directory.")] = False,
     debug: Debug = False,
@@ -83,7 +83,7 @@ def train(
 @app.command()
 def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML to check.")],
-    overrides: Overrides = [],
+    overrides: Overrides = None,
     num_processes: Annotated[int, typer.Option(help="Process count the recipe will run with.")] = 2,
     debug: Debug = False,
 ) -> None:

@@ -65,7 +65,8 @@ _COUNTED = (
 
 
 def _payload_bytes(name: str, args: tuple) -> int:
-    tensors = args[1] if name in ("all_gather", "all_gather_into_tensor", "_broadcast_coalesced") else args[0] if args else None
+    position = 1 if name in ("all_gather", "all_gather_into_tensor", "_broadcast_coalesced") else 0
+    tensors = args[position] if len(args) > position else None
     if isinstance(tensors, torch.Tensor):
         return tensors.numel() * tensors.element_size()
     if isinstance(tensors, (list, tuple)):
@@ -150,7 +151,7 @@ def _float_params(module: torch.nn.Module) -> list[torch.Tensor]:
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     # copy_ (not `.data =` views into `flat`) keeps each tensor's own storage and memory format.
-    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
         t.copy_(chunk.view(t.shape))
 
 

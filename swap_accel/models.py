@@ -93,4 +93,5 @@ def build_model(name: str, *, in_chans: int, num_classes: int, kwargs: dict | No
     try:
         return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **(kwargs or {}))
     except TypeError as e:
-        raise ModelError(f"model '{name}' rejected model.kwargs {kwargs}: {e}; fix model.kwargs in the recipe") from None
+        raise ModelError(f"model '{name}' rejected model.kwargs {kwargs}: {e}; fix model.kwargs in the recipe") \
+            from None

@@ -93,7 +93,8 @@ def train_phase1(
         result.epochs = epoch + 1
         result.train_loss, result.train_acc = loss_sum / count, correct / count
         if not torch.isfinite(torch.tensor(result.train_loss)):
-            raise TrainingDiverged(f"phase 1 loss became {result.train_loss} by step {result.steps}; lower phase1.lr.peak")
+            raise TrainingDiverged(
+                f"phase 1 loss became {result.train_loss} by step {result.steps}; lower phase1.lr.peak")
         seconds = time.perf_counter() - epoch_start
         row = {"phase": 1, "epoch": result.epochs, "step": result.steps, "lr": lr, "train_loss": result.train_loss,
                "train_acc": result.train_acc, "images_per_s": count / seconds, "seconds": seconds}

@@ -144,7 +144,8 @@ class Recipe(Strict):
             lr = getattr(self, section).lr
             length = lr.schedule_epochs or epochs
             if lr.warmup_epochs > length:
-                raise ValueError(f"{section}.lr.warmup_epochs ({lr.warmup_epochs}) exceeds the schedule length ({length})")
+                raise ValueError(
+                    f"{section}.lr.warmup_epochs ({lr.warmup_epochs}) exceeds the schedule length ({length})")
             if lr.start_epoch + epochs > length + 1e-9:
                 raise ValueError(
                     f"{section}: start_epoch + epochs ({lr.start_epoch + epochs}) runs past "
@@ -208,7 +209,8 @@ def apply_override(raw: dict, assignment: str) -> None:
         fields = list(model.model_fields) if model is not None else []
         if model is not None and part not in fields:
             close = difflib.get_close_matches(part, fields, n=1)
-            hint = f"did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else f"valid keys: {', '.join(fields)}"
+            hint = (f"did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close
+                    else f"valid keys: {', '.join(fields)}")
             raise RecipeError(f"--set {key}: no such recipe key '{'.'.join(parts[: i + 1])}'; {hint}")
         if i == len(parts) - 1:
             node[part] = yaml.safe_load(value)

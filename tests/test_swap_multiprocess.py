@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from launching import ROOT, free_port, launch, needs_fashion, tiny_recipe
 from safetensors.torch import load_file
 
 import swap_accel  # noqa: F401
@@ -19,8 +20,6 @@ from swap_accel.data import load_data
 from swap_accel.models import build_model
 from swap_accel.recipe import load_recipe
 from swap_accel.sampling import bn_order, digest, worker_order
-
-from launching import ROOT, free_port, launch, needs_fashion, tiny_recipe
 
 pytestmark = needs_fashion
 
