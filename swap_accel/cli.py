@@ -1,4 +1,4 @@
-"""Command line: `train`, `validate`, `models` (typer).
+"""Command line: `train`, `validate`, `report`, `models` (typer).
 
 Everything that can be checked before a process group forms is checked here first (recipe,
 process count, model name, data files, output directory), so a typo costs seconds, not a
@@ -50,9 +50,11 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
     from .data import prepare_data
     from .models import check_model_name
     from .recipe import load_recipe
+    from .tracking import check_backend
 
     recipe = load_recipe(recipe_path, overrides or [])
     recipe.check_processes(num_processes)
+    check_backend(recipe.tracking)
     check_model_name(recipe.model.name)
     run_dir = run_dir_for(recipe, out)
     if (run_dir / "results.json").exists() and not overwrite:
@@ -96,6 +98,28 @@ def validate(
         _fail(str(e), debug)
     print(dump_recipe(parsed), end="")
     print(f"# ok: valid for {num_processes} process(es); run directory {run_dir}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (several: side-by-side comparison).")],
+    debug: Debug = False,
+) -> None:
+    """Print the Table-1 table from each run's results.json and redraw its Figure 1 (issue 3)."""
+    import json
+
+    from .figure import save
+    from .report import print_table
+
+    runs = []
+    for run_dir in run_dirs:
+        path = run_dir / "results.json"
+        if not path.is_file():
+            _fail(f"{path} not found; pass a finished run directory (it holds results.json)", debug)
+        runs.append(json.loads(path.read_text()))
+    print_table(runs)
+    for run_dir, results in zip(run_dirs, runs, strict=True):
+        print(f"Figure 1: {save(results, run_dir / 'figure1.png')}")
 
 
 @app.command()

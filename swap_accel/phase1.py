@@ -71,7 +71,7 @@ def train_phase1(
         batches = source.batches(order, micro, augment=True, generator=augment_gen)
         # Sums stay on the device all epoch: no host sync per step.
         totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-        for _ in range(steps_per_epoch):
+        for _ in log.steps(range(steps_per_epoch), phase=1, epoch=epoch, epochs=cfg.max_epochs, total=steps_per_epoch):
             lr = lr_at(result.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr

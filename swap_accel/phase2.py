@@ -63,7 +63,8 @@ def train_phase2(
         epoch_start = time.perf_counter()
         order = worker_order(source.num_samples, seed=seed, worker=worker, epoch=epoch)
         totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-        for x, y in source.batches(order, cfg.per_worker_batch_size, augment=True, generator=augment_gen):
+        batches = source.batches(order, cfg.per_worker_batch_size, augment=True, generator=augment_gen)
+        for x, y in log.steps(batches, phase=2, epoch=epoch, epochs=cfg.epochs, total=steps_per_epoch):
             lr = lr_at(result.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr

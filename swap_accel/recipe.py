@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 
 class RecipeError(ValueError):
@@ -117,6 +117,25 @@ class EvalConfig(Strict):
     bn_batch_size: int = Field(512, gt=0)
 
 
+class TrackingConfig(Strict):
+    """Experiment tracking through Accelerate's trackers, and the evaluation points it shows (issue 3)."""
+
+    backend: Literal["wandb", "tensorboard", "none"] = "none"
+    project: str = "swap_accel"
+    entity: str | None = None
+    group: str | None = None
+    # W&B run name; defaults to the recipe name.
+    name: str | None = None
+    tags: list[str] = []
+    # W&B mode; unset: online with credentials, otherwise offline (said once).
+    mode: Literal["online", "offline"] | None = None
+    # Test accuracy of the phase-1 model and of every phase-2 worker every N epochs (0: at phase ends only).
+    eval_every: int = Field(1, ge=0)
+    # Paper Figure 1's averaged-model curve: "off"; "end" (phase 3's own result, no extra cost); or N
+    # (also a scratch average + BN recalibration + evaluation every N phase-2 epochs).
+    averaged_curve: Literal["off", "end"] | PositiveInt = "end"
+
+
 class Recipe(Strict):
     name: str = "swap"
     mode: Literal["swap", "sgd"] = "swap"
@@ -130,6 +149,7 @@ class Recipe(Strict):
     phase1: Phase1Config
     phase2: Phase2Config | None = None
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

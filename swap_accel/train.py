@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from . import __version__
+from . import __version__, figure, tracking
 from .bn import recalibrate_bn_
 from .checkpoints import save_weights, write_json, write_text
 from .data import load_data
@@ -29,42 +29,29 @@ from .distributed import (
 )
 from .evaluate import evaluate_local, evaluate_shared
 from .models import build_model
+from .monitor import Monitor
 from .phase1 import train_phase1
 from .phase2 import make_sgd, train_phase2
+from .progress import Progress
 from .recipe import Recipe, dump_recipe
-from .report import print_table
+from .report import print_table, table_rows
 from .sampling import digest
 
-PHASES = ("setup", "phase1", "phase2", "phase3", "evaluation", "report")
+# phase2_logging and averaged_curve are issue 3's monitoring, counted apart so phase 2 itself stays at zero.
+PHASES = ("setup", "phase1", "phase2", "phase2_logging", "averaged_curve", "phase3", "evaluation", "report")
 
 
 def _params_digest(module: torch.nn.Module) -> str:
     return digest(torch.cat([p.detach().reshape(-1).cpu() for p in module.parameters()]))
 
 
-def _printer(accelerator):
-    """Per-epoch lines from the main process only; other ranks stay quiet (errors carry their rank)."""
-
-    def log(row: dict) -> None:
-        if not accelerator.is_main_process:
-            return
-        who = f"phase {row['phase']}" + (f" worker {row['worker']}" if "worker" in row else "")
-        accelerator.print(
-            f"{who} | epoch {row['epoch']} | step {row['step']} | lr {row['lr']:.4f} | loss {row['train_loss']:.4f} "
-            f"| train acc {100 * row['train_acc']:.2f}% | {row['images_per_s']:.0f} img/s | {row['seconds']:.1f} s",
-            flush=True,
-        )
-
-    return log
-
-
 def train(recipe: Recipe, run_dir: Path) -> dict | None:
     """Run one recipe; returns `results` on the main process (None elsewhere)."""
     started = time.perf_counter()
-    accelerator = make_accelerator(recipe.mixed_precision)
+    accelerator = make_accelerator(recipe.mixed_precision, log_with=tracking.log_with(recipe.tracking),
+                                   project_dir=str(run_dir / "tensorboard"))
     counter = CollectiveCounter().install()
     rank, world = accelerator.process_index, accelerator.num_processes
-    log = _printer(accelerator)
     set_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -80,6 +67,8 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
     counter.watch_ddp(model)
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
     module = accelerator.unwrap_model(model)
+    tracking.start(accelerator, recipe, run_dir)
+    log = Monitor(accelerator, recipe, counter, module, train_data, test_data, test_loader, Progress(accelerator))
     accelerator.print(
         f"swap_accel {__version__}: {recipe.mode} | {recipe.model.name} on {train_data.num_samples} train / "
         f"{test_data.num_samples} test samples | {world} process(es) on {accelerator.device} "
@@ -94,15 +83,22 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
         broadcast_buffers_(module, accelerator)
     rank_record = {"rank": rank, "phase1": {"steps": p1.steps, "epochs": p1.epochs, "params": _params_digest(module)}}
     eval_start = time.perf_counter()
-    with counter.phase("evaluation"):
-        p1_test_acc, _ = evaluate_shared(module, test_loader, accelerator)
+    # The last logging point may already have evaluated this very model (same weights, rank 0's BN buffers).
+    p1_test_acc = p1.history[-1].get("test_acc") if p1.history else None
+    if p1_test_acc is None:
+        with counter.phase("evaluation"):
+            p1_test_acc, _ = evaluate_shared(module, test_loader, accelerator)
     eval_seconds = time.perf_counter() - eval_start
+    tracking.log(accelerator, {"phase1/test_acc": p1_test_acc}, step=p1.steps)
     accelerator.print(f"phase 1 done: {p1.epochs} epochs, {p1.steps} steps, {p1.seconds:.1f} s, "
                       f"train acc {100 * p1.train_acc:.2f}%, test acc {100 * p1_test_acc:.2f}%", flush=True)
     results = {
         "name": recipe.name, "mode": recipe.mode, "version": __version__, "num_processes": world,
         "model": recipe.model.name, "device": str(accelerator.device), "platform": platform.platform(),
-        "phase1": {"epochs": p1.epochs, "steps": p1.steps, "seconds": p1.seconds, "train_acc": p1.train_acc,
+        # Table 1 times exclude issue 3's monitoring at logging points (reported as monitoring_seconds).
+        "recipe": recipe.model_dump(mode="json"),
+        "phase1": {"epochs": p1.epochs, "steps": p1.steps, "seconds": p1.seconds - log.seconds["phase1"],
+                   "monitoring_seconds": log.seconds["phase1"], "train_acc": p1.train_acc,
                    "train_loss": p1.train_loss, "reached_tau": p1.reached_tau, "test_acc": p1_test_acc,
                    "global_batch_size": recipe.phase1.global_batch_size, "history": p1.history},
         "phase2": None, "phase3": None, "workers": [], "before_averaging": None, "after_averaging": None,
@@ -117,8 +113,10 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
         rank_record["phase2"] = {"steps": p2.steps, "params": _params_digest(module),
                                  "samples_per_epoch": p2.samples_per_epoch, "order_digests": p2.order_digests}
         eval_start = time.perf_counter()
-        with counter.phase("evaluation"):
-            worker_acc = evaluate_local(module, test_data, recipe.eval.batch_size, accelerator)
+        worker_acc = p2.history[-1].get("test_acc")  # evaluated at the last logging point, if it was due
+        if worker_acc is None:
+            with counter.phase("evaluation"):
+                worker_acc = evaluate_local(module, test_data, recipe.eval.batch_size, accelerator)
         eval_seconds += time.perf_counter() - eval_start
         (run_dir / "workers").mkdir(exist_ok=True)
         save_weights(run_dir / "workers" / f"worker{rank}.safetensors", module,
@@ -135,12 +133,16 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
         with counter.phase("evaluation"):
             final_acc, counted = evaluate_shared(module, test_loader, accelerator)
         eval_seconds += time.perf_counter() - eval_start
+        log.final_point(final_acc)
         with counter.phase("report"):
             per_worker = gather_values(torch.tensor([worker_acc, p2.train_acc], device=accelerator.device), accelerator)
         accs = per_worker[:, 0].tolist()
         results.update({
-            "phase2": {"epochs": p2.epochs, "steps_per_worker": p2.steps, "seconds": p2.seconds,
-                       "per_worker_batch_size": recipe.phase2.per_worker_batch_size, "history": p2.history},
+            "phase2": {"epochs": p2.epochs, "steps_per_worker": p2.steps, "seconds": p2.seconds - log.seconds["phase2"],
+                       "monitoring_seconds": log.seconds["phase2"],
+                       "per_worker_batch_size": recipe.phase2.per_worker_batch_size, "history": p2.history,
+                       "workers_history": log.worker_history},
+            "averaged_curve": log.curve_summary(),
             "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "bn": bn},
             "workers": [{"index": i, "test_acc": a, "train_acc": t} for i, (a, t) in enumerate(per_worker.tolist())],
             "before_averaging": {"mean": statistics.fmean(accs),
@@ -167,7 +169,15 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
         accelerator.end_training()
         return None
     save_weights(run_dir / "model.safetensors", module, {"name": recipe.name, "test_acc": str(results["test_acc"])})
+    log.progress.close()
+    results["figure"] = figure.save(results, run_dir / "figure1.png").name
     write_json(run_dir / "results.json", results)
     print_table([results])
+    if results["phase2"]:
+        curve = results["averaged_curve"]
+        accelerator.print(f"averaged-model curve ({curve['setting']}): {len(curve['points'])} point(s), "
+                          f"{curve['seconds']:.1f} s extra ({100 * curve['seconds'] / results['total_seconds']:.1f}% "
+                          f"of the run); Figure 1: {run_dir / results['figure']}", flush=True)
+    tracking.finish(accelerator, recipe, results, table_rows(results), run_dir / results["figure"])
     accelerator.end_training()
     return results

@@ -39,7 +39,7 @@ def tiny_recipe(tmp: Path, cache: Path, **sections) -> Path:
         "eval": {"batch_size": 64, "bn_samples": 1000, "bn_batch_size": 300},
     }
     for key, value in sections.items():
-        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

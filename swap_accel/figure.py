@@ -1,0 +1,84 @@
+"""The paper's Figure 1 for one run, drawn from its own `results.json` (issue 3).
+
+Learning-rate schedules of both phases on the left axis; on the right the test accuracy of the
+shared phase-1 model, of every phase-2 worker and of the averaged model (the accuracy phase 3
+would give were phase 2 stopped there), with the phase boundary marked. Workers share one colour
+map and one legend entry beyond four, so 8 workers read as a band, not as 8 legend lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training nodes or in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .recipe import LRConfig  # noqa: E402
+from .schedules import make_schedule  # noqa: E402
+
+_SAMPLES_PER_EPOCH = 20  # LR is piecewise smooth; 20 points per epoch draw it exactly enough
+
+
+def _lr_curve(lr: dict, budget: int, epochs: int, steps: int, offset: float) -> tuple[list[float], list[float]]:
+    """The LR the run used at each step, recomputed as the loops do from the recorded recipe (schedule over
+    the epoch `budget`) and the run's step counts; phase 1 may stop before its budget (τ)."""
+    per_epoch = max(1, steps // max(epochs, 1))
+    lr_at = make_schedule(LRConfig(**lr), epochs=budget, steps_per_epoch=per_epoch)
+    stride = max(1, per_epoch // _SAMPLES_PER_EPOCH)
+    at = list(range(0, steps, stride)) + [steps - 1]
+    return [offset + s / per_epoch for s in at], [lr_at(s) for s in at]
+
+
+def draw(results: dict) -> Figure:
+    fig, lr_ax = plt.subplots(figsize=(9, 5), layout="constrained")
+    acc_ax = lr_ax.twinx()
+    p1, p2, recipe = results["phase1"], results["phase2"], results["recipe"]
+    e1 = p1["epochs"]
+    xs, ys = _lr_curve(recipe["phase1"]["lr"], recipe["phase1"]["max_epochs"], e1, p1["steps"], 0.0)
+    lr_ax.plot(xs, ys, color="0.55", lw=1.2, ls="--", label="learning rate")
+    p1_points = [(r["epoch"], r["test_acc"]) for r in p1["history"] if "test_acc" in r] or [(e1, p1["test_acc"])]
+    if p1_points[-1][0] != e1:
+        p1_points.append((e1, p1["test_acc"]))
+    acc_ax.plot(*zip(*p1_points, strict=True), color="black", marker="o", ms=3, lw=2, label="phase-1 model (shared)")
+    if p2:
+        xs, ys = _lr_curve(recipe["phase2"]["lr"], p2["epochs"], p2["epochs"], p2["steps_per_worker"], e1)
+        lr_ax.plot(xs, ys, color="0.55", lw=1.2, ls="--")
+        history = [h for h in p2["workers_history"] if h["workers"][0]["test_acc"] is not None]
+        n = len(results["workers"])
+        colours = plt.get_cmap("tab10" if n <= 10 else "viridis")
+        for k in range(n):
+            points = [(e1, p1["test_acc"])] + [(h["epoch"], h["workers"][k]["test_acc"]) for h in history]
+            if not history or history[-1]["epoch"] != e1 + p2["epochs"]:
+                points.append((e1 + p2["epochs"], results["workers"][k]["test_acc"]))
+            label = f"worker {k}" if n <= 4 else (f"workers 0-{n - 1}" if k == 0 else None)
+            acc_ax.plot(*zip(*points, strict=True), color=colours(k % 10 if n <= 10 else k / max(n - 1, 1)),
+                        lw=1, alpha=0.8 if n <= 4 else 0.55, marker=".", ms=3, label=label, gid=f"worker{k}")
+        curve = results.get("averaged_curve") or {"points": []}
+        if curve["points"]:
+            points = [(e1, p1["test_acc"])] + [(p["epoch"], p["test_acc"]) for p in curve["points"]]
+            acc_ax.plot(*zip(*points, strict=True), color="crimson", lw=2, marker="*", ms=9,
+                        label="averaged model (SWAP)", gid="averaged")
+        lr_ax.axvline(e1, color="0.3", lw=0.8, ls=":")
+        lr_ax.text(e1, 1.0, " phase 2 →", transform=lr_ax.get_xaxis_transform(), va="bottom", fontsize=8)
+        lr_ax.text(e1, 1.0, "← phase 1 ", transform=lr_ax.get_xaxis_transform(), va="bottom", ha="right",
+                   fontsize=8)
+    lr_ax.set_xlabel("epoch")
+    lr_ax.set_ylabel("learning rate")
+    acc_ax.set_ylabel("test accuracy")
+    lr_ax.set_ylim(bottom=0)
+    handles = [h for ax in (acc_ax, lr_ax) for h in ax.get_legend_handles_labels()[0]]
+    acc_ax.legend(handles=handles, loc="lower right", fontsize=8, ncol=2 if len(handles) > 5 else 1)
+    fig.suptitle(f"{results.get('name', '')}: SWAP with {results['num_processes']} workers (paper Figure 1)",
+                 fontsize=10)
+    return fig
+
+
+def save(results: dict, path: Path) -> Path:
+    fig = draw(results)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
