@@ -1,0 +1,59 @@
+"""Shared pieces of the benchmarks: real Fashion-MNIST in memory, the recipe objects, result files.
+
+Benchmarks measure two things side by side in one run and print their ratio (issue 5): this machine
+is shared and noisy, so no absolute time is a pass/fail criterion. Rounds alternate A and B and the
+median of each is compared.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import swap_accel
+from swap_accel.data import load_data
+from swap_accel.recipe import DataConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fashion(device: torch.device, train_subset: int | None = None, augment: bool = True):
+    cfg = DataConfig(train_subset=train_subset)
+    if not augment:
+        cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"crop_padding": 0, "flip": False,
+                                                                               "cutout_size": 0})})
+    return load_data(cfg, device, split="train")
+
+
+def median_time(fn, rounds: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def alternate(a, b, rounds: int) -> tuple[float, float]:
+    """Median seconds of `a` and of `b`, run alternately (ABAB...) so drift hits both alike."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, out in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "swap_accel": swap_accel.__version__, "torch": torch.__version__,
+               "platform": platform.platform(), "threads": torch.get_num_threads(), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
