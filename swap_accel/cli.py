@@ -1,4 +1,4 @@
-"""Command line: `train`, `validate`, `report`, `models` (typer).
+"""Command line: `train`, `validate`, `average`, `report`, `models` (typer).
 
 Everything that can be checked before a process group forms is checked here first (recipe,
 process count, model name, data files, output directory), so a typo costs seconds, not a
@@ -32,13 +32,15 @@ def _fail(message: str, debug: bool) -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoints import CheckpointError
     from .data import DataError
     from .distributed import DistributedError
     from .models import ModelError
     from .phase1 import TrainingDiverged
     from .recipe import RecipeError
 
-    return RecipeError, DataError, ModelError, DistributedError, TrainingDiverged, FileExistsError, PermissionError
+    return (RecipeError, DataError, ModelError, DistributedError, TrainingDiverged, CheckpointError, FileExistsError,
+            PermissionError)
 
 
 def run_dir_for(recipe, out: Path | None) -> Path:
@@ -47,19 +49,28 @@ def run_dir_for(recipe, out: Path | None) -> Path:
 
 def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: Path | None, overwrite: bool):
     """All checks that need no process group; returns (recipe, run_dir)."""
-    from .data import prepare_data
-    from .models import check_model_name
-    from .recipe import load_recipe
+    import torch
+
+    from .data import load_data, prepare_data
+    from .models import check_model_input, check_model_name
+    from .recipe import RecipeError, load_recipe
+    from .resume import check_run_dir
     from .tracking import check_backend
 
     recipe = load_recipe(recipe_path, overrides or [])
     recipe.check_processes(num_processes)
     check_backend(recipe.tracking)
+    t = recipe.tracking
+    if t.backend == "wandb" and t.mode == "online" and not (t.entity or os.environ.get("WANDB_ENTITY")):
+        raise RecipeError("tracking.entity is missing for W&B online mode; set tracking.entity (your W&B user or "
+                          "team) or WANDB_ENTITY, or use tracking.mode: offline")
     check_model_name(recipe.model.name)
     run_dir = run_dir_for(recipe, out)
-    if (run_dir / "results.json").exists() and not overwrite:
-        raise FileExistsError(f"{run_dir} already holds a finished run; pass --overwrite or choose --out DIR")
+    check_run_dir(recipe, run_dir, num_processes, overwrite)
     prepare_data(recipe.data)
+    test = load_data(recipe.data, torch.device("cpu"), split="test")
+    check_model_input(recipe.model.name, recipe.model.kwargs, in_chans=test.in_chans, num_classes=test.num_classes,
+                      image_size=test.image_size)
     return recipe, run_dir
 
 
@@ -68,16 +79,21 @@ def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/fashion_mnist.yaml")],
     overrides: Overrides = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in the run directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over in the run directory: replace a finished run, "
+                                                "ignore an unfinished run's checkpoints.")] = False,
+    from_phase1: Annotated[Path | None, typer.Option(
+        "--from-phase1", help="Start phase 2 from another run's phase 1 (run dir or checkpoints/p1-* dir).")] = None,
     debug: Debug = False,
 ) -> None:
-    """Train a recipe. Launch with `accelerate launch [options] -m swap_accel train RECIPE`."""
+    """Train a recipe, or resume it: re-running the same command continues from its newest good checkpoint.
+    Launch with `accelerate launch [options] -m swap_accel train RECIPE`."""
     try:
         from .distributed import launched_world_size
         from .train import train as run
 
-        parsed, run_dir = preflight(recipe, overrides, launched_world_size(), out, overwrite)
-        run(parsed, run_dir)
+        extra = [f"from_phase1={from_phase1}"] if from_phase1 else []
+        parsed, run_dir = preflight(recipe, [*(overrides or []), *extra], launched_world_size(), out, overwrite)
+        run(parsed, run_dir, fresh=overwrite)
     except _known_errors() as e:
         _fail(str(e), debug)
 
@@ -98,6 +114,35 @@ def validate(
         _fail(str(e), debug)
     print(dump_recipe(parsed), end="")
     print(f"# ok: valid for {num_processes} process(es); run directory {run_dir}")
+
+
+@app.command()
+def average(
+    checkpoints: Annotated[list[Path], typer.Argument(
+        help="Run directories (their finished workers) and/or worker checkpoint dirs (checkpoints/p2-w*).")],
+    recipe: Annotated[Path, typer.Option(help="The workers' recipe (model, data, BN and evaluation settings).")],
+    out: Annotated[Path, typer.Option(help="Output directory: model.safetensors, workers/, results.json.")],
+    overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace finished results in --out.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Average worker checkpoints, recompute BN statistics, evaluate: phase 3 for any set of workers, e.g. the
+    survivors of a run that lost one (phase 2 needs no worker to wait for another)."""
+    try:
+        from .average_cmd import average as run
+        from .average_cmd import check_out, resolve_workers
+        from .data import prepare_data
+        from .models import check_model_name
+        from .recipe import load_recipe
+
+        parsed = load_recipe(recipe, overrides or [])
+        check_model_name(parsed.model.name)
+        workers = resolve_workers(checkpoints, parsed)
+        check_out(out, overwrite)
+        prepare_data(parsed.data)
+        run(parsed, workers, out)
+    except _known_errors() as e:
+        _fail(str(e), debug)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 from collections import defaultdict
 
@@ -141,10 +142,50 @@ def is_distributed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type != DistributedType.NO and accelerator.num_processes > 1
 
 
+# What a collective does when a peer process is gone (gloo: "Connection closed by peer"): None raises as
+# usual; inside `peers_required`/`peers_optional` (issue 4) a callable that decides.
+_on_lost_peer = None
+
+
+@contextlib.contextmanager
+def _lost_peer_policy(policy):
+    global _on_lost_peer
+    previous, _on_lost_peer = _on_lost_peer, policy
+    try:
+        yield
+    finally:
+        _on_lost_peer = previous
+
+
+def peers_required(explain):
+    """Inside, a collective that finds a peer gone ends with the one line `explain()`, not a traceback."""
+
+    def fail(error: RuntimeError) -> None:
+        raise DistributedError(f"{explain()} ({str(error).splitlines()[0][:160]})") from None
+
+    return _lost_peer_policy(fail)
+
+
+def peers_optional(who: str):
+    """Phase 2: a worker needs no other worker (paper section 3), so when a logging gather finds a peer gone
+    this worker carries on alone and the gather returns its own values only."""
+
+    def warn(error: RuntimeError) -> None:
+        print(f"warning: {who}: a peer process is gone ({str(error).splitlines()[0][:100]}); phase 2 continues "
+              "alone", file=sys.stderr, flush=True)
+
+    return _lost_peer_policy(warn)
+
+
 def all_reduce_sum(tensor: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
     """Sum across processes in place (float64 stays float64; gloo supports it)."""
     if is_distributed(accelerator):
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        try:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        except RuntimeError as e:
+            if _on_lost_peer is not None:
+                _on_lost_peer(e)
+            raise  # a sum without all its terms is no result, even for a worker that may carry on alone
     return tensor
 
 
@@ -189,5 +230,11 @@ def gather_values(values: torch.Tensor, accelerator: Accelerator) -> torch.Tenso
     if not is_distributed(accelerator):
         return values.unsqueeze(0)
     out = [torch.empty_like(values) for _ in range(accelerator.num_processes)]
-    dist.all_gather(out, values)
+    try:
+        dist.all_gather(out, values)
+    except RuntimeError as e:
+        if _on_lost_peer is None:
+            raise
+        _on_lost_peer(e)
+        return values.unsqueeze(0)
     return torch.stack(out)

@@ -95,3 +95,19 @@ def build_model(name: str, *, in_chans: int, num_classes: int, kwargs: dict | No
     except TypeError as e:
         raise ModelError(f"model '{name}' rejected model.kwargs {kwargs}: {e}; fix model.kwargs in the recipe") \
             from None
+
+
+def check_model_input(name: str, kwargs: dict, *, in_chans: int, num_classes: int, image_size: tuple[int, int]) -> None:
+    """One forward on the meta device (no memory, no compute): a model that cannot take the data's images
+    fails before any process group starts instead of at its first step (issue 4)."""
+    try:
+        with torch.device("meta"):
+            build_model(name, in_chans=in_chans, num_classes=num_classes, kwargs=kwargs).eval()(
+                torch.empty(2, in_chans, *image_size))
+    except ModelError:
+        raise
+    except Exception as e:  # timm raises AssertionError, RuntimeError or ValueError for a wrong input size
+        size = "x".join(map(str, (in_chans, *image_size)))
+        raise ModelError(f"model '{name}' cannot take the data's {size} images ({str(e).splitlines()[0][:150]}); "
+                         "choose a model for this image size, or resize with data.image_size and "
+                         "data.in_memory: false") from None

@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from .checkpoints import load_state, load_weights_into
 from .data import DataSource
 from .distributed import all_reduce_sum
 from .recipe import OptimizerConfig, Phase1Config
+from .resume import Checkpointer, restore_loop
 from .sampling import AUGMENT, derive_seed, phase1_shard
 from .schedules import make_schedule
 
@@ -38,6 +41,17 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def require_finite(module: torch.nn.Module, where: str, ckpt: Checkpointer, totals: torch.Tensor | None = None) -> None:
+    """Never checkpoint diverged weights over good ones (issue 4): one host sync, only when a checkpoint is due."""
+    finite = torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()
+    if totals is not None:
+        finite &= torch.isfinite(totals).all()
+    if not finite:
+        raise TrainingDiverged(f"{where}: the loss or the weights became NaN/Inf; stopped there, the last good "
+                               f"checkpoint is kept ({ckpt.last_good or 'none was written yet'}); lower the learning "
+                               "rate and rerun with --overwrite")
+
+
 def train_phase1(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -47,7 +61,10 @@ def train_phase1(
     accelerator: Accelerator,
     *,
     seed: int,
+    tau: float | None,
     log,
+    ckpt: Checkpointer,
+    resume: Path | None = None,
 ) -> Phase1Result:
     p, rank = accelerator.num_processes, accelerator.process_index
     per_process = cfg.global_batch_size // p
@@ -62,16 +79,27 @@ def train_phase1(
     lr_at = make_schedule(cfg.lr, epochs=cfg.max_epochs, steps_per_epoch=steps_per_epoch)
     augment_gen = torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, AUGMENT, 1, rank))
     result = Phase1Result()
+    first_epoch, resumed_done, resumed_totals = 0, 0, None
+    if resume is not None:  # issue 4: continue exactly where the checkpoint stopped
+        load_weights_into(accelerator.unwrap_model(model), resume)
+        optimizer.load_state_dict(load_state(resume / "optimizer.pt"))
+        first_epoch, resumed_done, resumed_totals = restore_loop(
+            resume, load_state(resume / f"rank{rank}.pt"), result, augment_gen, accelerator.device)
+    ckpt.begin(result.steps, by_clock=False)
     model.train()
-    start = time.perf_counter()
-    for epoch in range(cfg.max_epochs):
+    start = time.perf_counter() - result.seconds
+    for epoch in range(first_epoch, cfg.max_epochs):
         epoch_start = time.perf_counter()
+        done = resumed_done if epoch == first_epoch else 0
         order = phase1_shard(source.num_samples, seed=seed, epoch=epoch, global_batch=cfg.global_batch_size,
                              rank=rank, num_processes=p)
-        batches = source.batches(order, micro, augment=True, generator=augment_gen)
-        # Sums stay on the device all epoch: no host sync per step.
-        totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-        for _ in log.steps(range(steps_per_epoch), phase=1, epoch=epoch, epochs=cfg.max_epochs, total=steps_per_epoch):
+        batches = source.batches(order[done * per_process :], micro, augment=True, generator=augment_gen)
+        # Sums stay on the device all epoch: no host sync per step. [3] is this rank's epoch time, for `calibrate`.
+        totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        if epoch == first_epoch and resumed_totals is not None:
+            totals = resumed_totals
+        for i in log.steps(range(done, steps_per_epoch), phase=1, epoch=epoch, epochs=cfg.max_epochs,
+                           total=steps_per_epoch):
             lr = lr_at(result.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -89,19 +117,30 @@ def train_phase1(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             result.steps += 1
-        loss_sum, correct, count = all_reduce_sum(totals, accelerator).tolist()
+            if ckpt.due(result.steps):
+                result.seconds = time.perf_counter() - start
+                require_finite(model, f"phase 1 step {result.steps}", ckpt)
+                ckpt.save_phase1(accelerator.unwrap_model(model), optimizer, result, epoch=epoch, step_in_epoch=i + 1,
+                                 totals=totals, generator=augment_gen)
+        totals[3] = time.perf_counter() - epoch_start
+        loss_sum, correct, count, rank_seconds = all_reduce_sum(totals, accelerator).tolist()
+        # The same mean step time on every rank, so "every N minutes" picks the same step everywhere.
+        ckpt.calibrate(rank_seconds / p / max(1, steps_per_epoch - done))
         result.epochs = epoch + 1
         result.train_loss, result.train_acc = loss_sum / count, correct / count
         if not torch.isfinite(torch.tensor(result.train_loss)):
             raise TrainingDiverged(
-                f"phase 1 loss became {result.train_loss} by step {result.steps}; lower phase1.lr.peak")
+                f"phase 1 loss became {result.train_loss} by step {result.steps}; stopped there, the last good "
+                f"checkpoint is kept ({ckpt.last_good or 'none was written yet'}); lower phase1.lr.peak and rerun "
+                "with --overwrite")
         seconds = time.perf_counter() - epoch_start
+        lr = lr_at(result.steps - 1)
         row = {"phase": 1, "epoch": result.epochs, "step": result.steps, "lr": lr, "train_loss": result.train_loss,
                "train_acc": result.train_acc, "images_per_s": count / seconds, "seconds": seconds}
         result.history.append(row)
         log(row)
         # τ is a fraction of the last epoch's training accuracy, identical on every rank after the all-reduce.
-        if cfg.stop_train_accuracy is not None and result.train_acc >= cfg.stop_train_accuracy:
+        if tau is not None and result.train_acc >= tau:
             result.reached_tau = True
             break
     result.seconds = time.perf_counter() - start

@@ -12,15 +12,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from .checkpoints import load_state, load_weights_into
 from .data import DataSource
-from .phase1 import TrainingDiverged
+from .phase1 import TrainingDiverged, require_finite
 from .recipe import OptimizerConfig, Phase2Config
-from .sampling import AUGMENT, derive_seed, digest, worker_order
+from .resume import Checkpointer, restore_loop
+from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, worker_order
 from .schedules import make_schedule
 
 
@@ -51,19 +54,33 @@ def train_phase2(
     seed: int,
     worker: int,
     log,
+    ckpt: Checkpointer,
+    resume: Path | None = None,
 ) -> Phase2Result:
     optimizer = make_sgd(module, opt_cfg, cfg.lr.peak)
     steps_per_epoch = math.ceil(source.num_samples / cfg.per_worker_batch_size)
     lr_at = make_schedule(cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
     augment_gen = torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, AUGMENT, 2, worker))
+    torch.manual_seed(derive_seed(seed, WORKER_RNG, worker))
     result = Phase2Result()
+    first_epoch, resumed_done, resumed_totals = 0, 0, None
+    if resume is not None:  # issue 4: continue exactly where this worker's checkpoint stopped
+        load_weights_into(module, resume)
+        state = load_state(resume / "state.pt")
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch, resumed_done, resumed_totals = restore_loop(resume, state, result, augment_gen, accelerator.device)
+    ckpt.begin(result.steps, by_clock=True)
     module.train()
-    start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    start = time.perf_counter() - result.seconds
+    for epoch in range(first_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
+        done = resumed_done if epoch == first_epoch else 0
         order = worker_order(source.num_samples, seed=seed, worker=worker, epoch=epoch)
         totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-        batches = source.batches(order, cfg.per_worker_batch_size, augment=True, generator=augment_gen)
+        if epoch == first_epoch and resumed_totals is not None:
+            totals = resumed_totals
+        batches = source.batches(order[done * cfg.per_worker_batch_size :], cfg.per_worker_batch_size, augment=True,
+                                 generator=augment_gen)
         for x, y in log.steps(batches, phase=2, epoch=epoch, epochs=cfg.epochs, total=steps_per_epoch):
             lr = lr_at(result.steps)
             for group in optimizer.param_groups:
@@ -78,6 +95,12 @@ def train_phase2(
             totals[0] += loss.detach() * y.numel()
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += y.numel()
+            if ckpt.due(result.steps):
+                result.seconds = time.perf_counter() - start
+                require_finite(module, f"worker {worker}: phase 2 step {result.steps}", ckpt, totals)
+                ckpt.save_phase2(module, optimizer, result, worker=worker, epoch=epoch,
+                                 step_in_epoch=result.steps - epoch * steps_per_epoch, totals=totals,
+                                 generator=augment_gen)
         loss_sum, correct, count = totals.tolist()
         result.epochs = epoch + 1
         result.train_loss, result.train_acc = loss_sum / count, correct / count
@@ -85,8 +108,11 @@ def train_phase2(
         result.order_digests.append(digest(order))
         if not math.isfinite(result.train_loss):
             raise TrainingDiverged(f"worker {worker}: phase 2 loss became {result.train_loss} by step {result.steps}; "
-                               "lower phase2.lr.peak")
+                                   f"stopped there, the last good checkpoint is kept "
+                                   f"({ckpt.last_good or 'none was written yet'}); lower phase2.lr.peak and rerun "
+                                   "with --overwrite")
         seconds = time.perf_counter() - epoch_start
+        lr = lr_at(result.steps - 1)
         row = {"phase": 2, "worker": worker, "epoch": result.epochs, "step": result.steps, "lr": lr,
                "train_loss": result.train_loss, "train_acc": result.train_acc, "images_per_s": count / seconds,
                "seconds": seconds}

@@ -117,6 +117,15 @@ class EvalConfig(Strict):
     bn_batch_size: int = Field(512, gt=0)
 
 
+class CheckpointConfig(Strict):
+    """Periodic checkpoints in phases 1 and 2 (issue 4); the end of each phase is always checkpointed."""
+
+    every_steps: int | None = Field(None, gt=0)
+    every_minutes: float | None = Field(15.0, gt=0)
+    # Periodic checkpoints kept per phase and worker: 2, so a damaged newest one still leaves a good one.
+    keep: int = Field(2, ge=1)
+
+
 class TrackingConfig(Strict):
     """Experiment tracking through Accelerate's trackers, and the evaluation points it shows (issue 3)."""
 
@@ -150,6 +159,10 @@ class Recipe(Strict):
     phase2: Phase2Config | None = None
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    # Start phase 2 from another run's phase 1 (its run dir or one of its checkpoints/p1-* dirs), so phase-2
+    # settings and transition points can be tried without repeating phase 1 (the paper grid-searched it).
+    from_phase1: Path | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

@@ -8,6 +8,7 @@ with the full epoch budget: the paper's small- and large-batch baselines through
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import statistics
 import time
@@ -18,7 +19,7 @@ from accelerate.utils import set_seed
 
 from . import __version__, figure, tracking
 from .bn import recalibrate_bn_
-from .checkpoints import save_weights, write_json, write_text
+from .checkpoints import save_weights, sha256_file, write_json, write_text
 from .data import load_data
 from .distributed import (
     CollectiveCounter,
@@ -26,15 +27,18 @@ from .distributed import (
     broadcast_buffers_,
     gather_values,
     make_accelerator,
+    peers_optional,
+    peers_required,
 )
 from .evaluate import evaluate_local, evaluate_shared
 from .models import build_model
 from .monitor import Monitor
-from .phase1 import train_phase1
-from .phase2 import make_sgd, train_phase2
+from .phase1 import Phase1Result, train_phase1
+from .phase2 import Phase2Result, make_sgd, train_phase2
 from .progress import Progress
 from .recipe import Recipe, dump_recipe
 from .report import print_table, table_rows
+from .resume import Checkpointer, discard_checkpoints, find_start, finished_workers, load_result, phase2_position
 from .sampling import digest
 
 # phase2_logging and averaged_curve are issue 3's monitoring, counted apart so phase 2 itself stays at zero.
@@ -45,8 +49,9 @@ def _params_digest(module: torch.nn.Module) -> str:
     return digest(torch.cat([p.detach().reshape(-1).cpu() for p in module.parameters()]))
 
 
-def train(recipe: Recipe, run_dir: Path) -> dict | None:
-    """Run one recipe; returns `results` on the main process (None elsewhere)."""
+def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
+    """Run one recipe, resuming from its checkpoints in `run_dir` unless `fresh` (--overwrite); returns
+    `results` on the main process (None elsewhere)."""
     started = time.perf_counter()
     accelerator = make_accelerator(recipe.mixed_precision, log_with=tracking.log_with(recipe.tracking),
                                    project_dir=str(run_dir / "tensorboard"))
@@ -55,7 +60,11 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
     set_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
+        if fresh:
+            discard_checkpoints(run_dir)
         write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    if fresh:
+        accelerator.wait_for_everyone()  # nobody looks for checkpoints to resume before they are gone
 
     train_data = load_data(recipe.data, accelerator.device, split="train")
     test_data = load_data(recipe.data, accelerator.device, split="test")
@@ -75,12 +84,24 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
         f"({accelerator.distributed_type.value}, {torch.get_num_threads()} threads each) | run dir {run_dir}",
         flush=True,
     )
+    # Issue 4: re-running the same command continues from the newest good checkpoint of each part.
+    ckpt = Checkpointer(run_dir, recipe, accelerator)
+    start = find_start(run_dir, recipe, rank, accelerator.is_main_process)
 
     # Phase 1: synchronized large-batch training to τ.
     with counter.phase("phase1"):
-        p1 = train_phase1(model, optimizer, train_data, recipe.phase1, recipe.optimizer, accelerator,
-                          seed=recipe.seed, log=log)
-        broadcast_buffers_(module, accelerator)
+        if start.phase1_end is None:
+            p1 = train_phase1(model, optimizer, train_data, recipe.phase1, recipe.optimizer, accelerator,
+                              seed=recipe.seed, log=log, ckpt=ckpt, resume=start.phase1_step,
+                              # The paper's SGD baselines train their whole epoch budget (Tables 5-6: "100 %").
+                              tau=recipe.phase1.stop_train_accuracy if recipe.mode == "swap" else None)
+            broadcast_buffers_(module, accelerator)
+        else:  # finished before: by this run, or by the --from-phase1 run
+            p1 = load_result(start.phase1_end, module, Phase1Result)
+            log.phase1_steps, log.phase1_epochs = p1.steps, p1.epochs
+        if accelerator.is_main_process and start.phase1_end != ckpt.root / "p1-end":
+            ckpt.save_end(module, "p1-end", "phase1-end", p1.steps,
+                          {"result": dataclasses.asdict(p1), "source": str(start.phase1_end or run_dir)})
     rank_record = {"rank": rank, "phase1": {"steps": p1.steps, "epochs": p1.epochs, "params": _params_digest(module)}}
     eval_start = time.perf_counter()
     # The last logging point may already have evaluated this very model (same weights, rank 0's BN buffers).
@@ -107,9 +128,19 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
 
     if recipe.mode == "swap":
         # Phase 2: independent small-batch refinement, one worker per process, no communication.
-        with counter.phase("phase2"):
-            p2 = train_phase2(module, train_data, recipe.phase2, recipe.optimizer, accelerator,
-                              seed=recipe.seed, worker=rank, log=log)
+        # Issue 3 logs phase 2 with one gather per epoch end. Workers resuming at different epochs first replay
+        # their stored rows for the epochs the others still train, so every gather has all its partners.
+        own_epoch, rows = phase2_position(start, recipe.phase2.epochs)
+        with counter.phase("setup"):
+            first_epoch = int(gather_values(torch.tensor([own_epoch], device=accelerator.device), accelerator).min())
+        with counter.phase("phase2"), peers_optional(f"worker {rank}"):
+            for row in rows[first_epoch:own_epoch]:
+                log(dict(row))
+            if start.worker_end is None:
+                p2 = train_phase2(module, train_data, recipe.phase2, recipe.optimizer, accelerator,
+                                  seed=recipe.seed, worker=rank, log=log, ckpt=ckpt, resume=start.worker_step)
+            else:  # this worker finished before the run stopped
+                p2 = load_result(start.worker_end, module, Phase2Result)
         rank_record["phase2"] = {"steps": p2.steps, "params": _params_digest(module),
                                  "samples_per_epoch": p2.samples_per_epoch, "order_digests": p2.order_digests}
         eval_start = time.perf_counter()
@@ -121,10 +152,18 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
         (run_dir / "workers").mkdir(exist_ok=True)
         save_weights(run_dir / "workers" / f"worker{rank}.safetensors", module,
                      {"worker": str(rank), "phase2_steps": str(p2.steps), "test_acc": str(worker_acc)})
+        if start.worker_end is None:  # what `swap_accel average` needs to use this worker without the others
+            ckpt.save_end(module, f"p2-w{rank}-end", "phase2-end", p2.steps,
+                          {"worker": rank, "test_acc": worker_acc, "result": dataclasses.asdict(p2),
+                           "phase1": results["phase1"], "phase1_params": rank_record["phase1"]["params"]})
 
         # Phase 3: average the workers' weights, recompute BN statistics, evaluate.
         p3_start = time.perf_counter()
-        with counter.phase("phase3"):
+        lost = lambda: (  # noqa: E731  (only evaluated if a peer is gone)
+            f"phase 3 averages every worker but one is gone; workers {finished_workers(run_dir)} of {world} finished "
+            f"phase 2 ({run_dir}/checkpoints/p2-w*-end); rerun the same command to resume the others, or average "
+            f"the finished ones: swap_accel average {run_dir} --recipe RECIPE --out DIR")
+        with counter.phase("phase3"), peers_required(lost):
             averaged = average_parameters_(module, accelerator)
             bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
                                  batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
@@ -157,6 +196,7 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
         calls = torch.tensor([[counter.calls[p], counter.bytes[p]] for p in PHASES], device=accelerator.device)
         all_calls = gather_values(calls, accelerator)
     rank_record["collectives"] = counter.summary()
+    rank_record["resumed_from"] = results["resumed_from"] = start.describe()
     (run_dir / "ranks").mkdir(exist_ok=True)
     write_json(run_dir / "ranks" / f"rank{rank}.json", rank_record)
     counter.uninstall()
@@ -169,6 +209,7 @@ def train(recipe: Recipe, run_dir: Path) -> dict | None:
         accelerator.end_training()
         return None
     save_weights(run_dir / "model.safetensors", module, {"name": recipe.name, "test_acc": str(results["test_acc"])})
+    results["model_sha256"] = sha256_file(run_dir / "model.safetensors")  # results.json, written last, vouches for it
     log.progress.close()
     results["figure"] = figure.save(results, run_dir / "figure1.png").name
     write_json(run_dir / "results.json", results)

@@ -1,0 +1,157 @@
+"""`swap_accel average CKPT_OR_RUN_DIR... --recipe R --out DIR`: phase 3 on any set of workers (issue 4).
+
+Phase 2 needs no worker to wait for another (paper section 3: "No synchronization between workers is
+required in this phase"), so workers may run as separate jobs, on different machines, and when one dies
+the others' checkpoints stay good. Any set of worker checkpoints that share one phase 1 can therefore be
+averaged afterwards. This is train.py's phase 3 on checkpoints: the same mean of the weights (bitwise the
+same for two workers), the same exact BatchNorm recalibration and evaluation, and the same outputs
+(recipe.yaml, model.safetensors, workers/, results.json).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .bn import recalibrate_bn_
+from .checkpoints import (
+    CheckpointError,
+    load_weights_into,
+    save_weights,
+    sha256_file,
+    verify_checkpoint,
+    write_json,
+    write_text,
+)
+from .data import load_data
+from .distributed import CollectiveCounter, make_accelerator
+from .evaluate import evaluate_local, evaluate_shared
+from .models import build_model
+from .recipe import Recipe, dump_recipe
+from .report import print_table
+from .resume import ROOT, check_model, check_writable
+
+_PHASES = ("setup", "phase3", "evaluation")
+
+
+def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]]:
+    """Verified (checkpoint, manifest) pairs: a run directory gives its finished workers (p2-w*-end), a
+    checkpoint directory is taken as is (a finished worker, or the newest p2-w*-step* of one that died)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / ROOT).is_dir():
+            ends = sorted((path / ROOT).glob("p2-w*-end"), key=lambda p: int(p.name[4:-4]))
+            if not ends:
+                raise CheckpointError(f"{path}: no worker finished phase 2 (no {ROOT}/p2-w*-end); pass worker "
+                                      f"checkpoint directories instead, e.g. {path}/{ROOT}/p2-w0-step...")
+            found += ends
+        else:
+            found.append(path)
+    workers, seen = [], {}
+    for path in found:
+        manifest = verify_checkpoint(path)
+        if manifest.get("kind") not in ("phase2", "phase2-end"):
+            raise CheckpointError(f"{path} is a {manifest.get('kind')} checkpoint, not a phase-2 worker's; pass "
+                                  f"{ROOT}/p2-w* directories or run directories")
+        check_model(manifest, path, recipe)
+        if manifest["worker"] in seen:
+            raise CheckpointError(f"worker {manifest['worker']} is given twice ({seen[manifest['worker']]} and "
+                                  f"{path}); pass each worker once")
+        seen[manifest["worker"]] = path
+        workers.append((path, manifest))
+    # Averaging only helps models that left one phase-1 solution together (paper section 3).
+    origins = {m["phase1_params"] for _, m in workers if "phase1_params" in m}
+    if len(origins) > 1:
+        raise CheckpointError(f"the workers start from {len(origins)} different phase-1 models; average workers "
+                              "that share one phase 1 (same run, or --from-phase1 of the same run)")
+    return workers
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    check_writable(out)
+    if (out / "results.json").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds finished results; pass --overwrite or choose --out DIR")
+
+
+def _phase1_summary(path: Path, manifest: dict) -> dict:
+    """A finished worker carries its phase-1 summary; a periodic checkpoint's sibling p1-end has it."""
+    if "phase1" in manifest:
+        return manifest["phase1"]
+    sibling = path.parent / "p1-end" / "manifest.json"
+    summary = json.loads(sibling.read_text())["result"] if sibling.exists() else {}
+    return {"epochs": 0, "steps": 0, "seconds": 0.0, **summary}
+
+
+def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict | None:
+    started = time.perf_counter()
+    accelerator = make_accelerator(recipe.mixed_precision)
+    counter = CollectiveCounter().install()
+    train_data = load_data(recipe.data, accelerator.device, split="train")
+    test_data = load_data(recipe.data, accelerator.device, split="test")
+    module = build_model(recipe.model.name, in_chans=train_data.in_chans, num_classes=train_data.num_classes,
+                         kwargs=recipe.model.kwargs).to(accelerator.device)
+    test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
+    rows, total = [], None
+    for path, manifest in workers:
+        load_weights_into(module, path)
+        with counter.phase("evaluation"):
+            acc = evaluate_local(module, test_data, recipe.eval.batch_size, accelerator)
+        result = manifest["result"]
+        rows.append({"index": manifest["worker"], "test_acc": acc, "train_acc": result["train_acc"],
+                     "steps": result["steps"], "checkpoint": str(path)})
+        params = [p.detach().clone() for p in module.parameters() if p.dtype.is_floating_point]
+        total = params if total is None else [t.add_(p) for t, p in zip(total, params, strict=True)]
+        if accelerator.is_main_process:
+            save_weights(_mkdir(out / "workers") / f"worker{manifest['worker']}.safetensors", module)
+    p3_start = time.perf_counter()
+    with torch.no_grad(), counter.phase("phase3"):
+        floats = [p for p in module.parameters() if p.dtype.is_floating_point]
+        for p, t in zip(floats, total, strict=True):
+            p.copy_(t / len(workers))  # (a + b) / 2 exactly as phase 3's all-reduce sum and division
+        bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
+                             batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
+    p3_seconds = time.perf_counter() - p3_start
+    with counter.phase("evaluation"):
+        final_acc, counted = evaluate_shared(module, test_loader, accelerator)
+    counter.uninstall()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.end_training()
+        return None
+    p1 = _phase1_summary(*workers[0])
+    accs, steps = [r["test_acc"] for r in rows], max(r["steps"] for r in rows)
+    results = {
+        "name": recipe.name, "mode": "swap", "version": __version__, "num_processes": accelerator.num_processes,
+        "model": recipe.model.name, "device": str(accelerator.device), "platform": platform.platform(),
+        "recipe": recipe.model_dump(mode="json"), "averaged_from": [str(p) for p, _ in workers],
+        "phase1": p1,
+        "phase2": {"epochs": max(m["result"]["epochs"] for _, m in workers), "steps_per_worker": steps,
+                   "seconds": max(m["result"]["seconds"] for _, m in workers),
+                   "per_worker_batch_size": recipe.phase2.per_worker_batch_size if recipe.phase2 else None,
+                   "history": workers[0][1]["result"]["history"]},
+        "phase3": {"seconds": p3_seconds, "averaged_values": sum(t.numel() for t in total), "bn": bn},
+        "workers": rows,
+        "before_averaging": {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0},
+        "after_averaging": {"test_acc": final_acc, "samples": counted},
+        "test_acc": final_acc, "critical_path_steps": p1.get("steps", 0) + steps,
+        "collectives": {p: {"calls": counter.calls[p], "bytes": counter.bytes[p]} for p in _PHASES},
+        "total_seconds": time.perf_counter() - started,
+    }
+    write_text(out / "recipe.yaml", dump_recipe(recipe))
+    save_weights(out / "model.safetensors", module, {"name": recipe.name, "test_acc": str(final_acc)})
+    results["model_sha256"] = sha256_file(out / "model.safetensors")
+    write_json(out / "results.json", results)
+    print_table([results])
+    accelerator.end_training()
+    return results
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

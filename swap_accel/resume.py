@@ -1,0 +1,297 @@
+"""Never lose a run (issue 4): which checkpoints to write when, and where a re-run starts.
+
+Layout under RUN_DIR/checkpoints/ (periodic names sort by step):
+  p1-step00000040/     phase 1 every N steps/minutes: model.safetensors and optimizer.pt (identical on
+                       every rank after the gradient all-reduce, so rank 0's), rank<r>.pt (each rank's
+                       augmentation generator, global RNG and partial epoch sums)
+  p1-end/              phase 1 finished: the weights phase 2 starts from (`--from-phase1` reads these)
+  p2-w<k>-step.../     worker k in phase 2, written by that worker alone: weights and state.pt
+  p2-w<k>-end/         worker k finished phase 2: its weights, test accuracy and phase summaries
+Re-running the same command resumes each part from its newest good checkpoint. Sample orders are pure
+functions of (seed, rank/worker, epoch) (sampling.py) and every other source of randomness is saved, so a
+resumed run computes bit for bit what the uninterrupted one would have (tests/test_resume.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoints import (
+    CheckpointError,
+    commit_checkpoint,
+    load_weights_into,
+    save_weights,
+    verify_checkpoint,
+    write_state,
+)
+from .recipe import Recipe
+
+ROOT = "checkpoints"
+# Keys that do not change what is computed: a re-run may change them and still resume.
+_NOT_COMPUTED = ("checkpoint", "output_dir", "tracking")
+
+
+def step_dirs(root: Path, prefix: str) -> list[Path]:
+    """Committed periodic checkpoints named `prefix<step>`, newest first (staging dirs start with '.')."""
+    return sorted((p for p in root.glob(f"{prefix}*") if p.is_dir()), reverse=True)
+
+
+def newest_good(candidates: list[Path], warn) -> Path | None:
+    """The first candidate that verifies; a torn or damaged one is reported and skipped (issue 4)."""
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            warn(f"{e}; falling back to the previous good checkpoint")
+    return None
+
+
+def phase1_source(path: Path, recipe: Recipe | None = None) -> Path:
+    """The verified phase-1 checkpoint `--from-phase1` names: a run directory (its p1-end) or any p1-* directory
+    of one, so phase 2 can also start from an earlier transition point (the paper grid-searched it)."""
+    path = Path(path)
+    if (path / ROOT).is_dir():
+        if not (path / ROOT / "p1-end").exists():
+            raise CheckpointError(f"--from-phase1 {path}: its phase 1 has not finished (no {ROOT}/p1-end); pass a "
+                                  f"finished run or one of its {ROOT}/p1-step* directories")
+        path = path / ROOT / "p1-end"
+    elif not path.exists():
+        raise CheckpointError(f"--from-phase1 {path}: no such run directory or checkpoint; pass a run directory "
+                              "whose phase 1 finished")
+    manifest = verify_checkpoint(path)
+    if manifest.get("kind") not in ("phase1", "phase1-end"):
+        raise CheckpointError(f"--from-phase1 {path} is a {manifest.get('kind')} checkpoint, not a phase-1 one; pass "
+                              f"a run directory or a {ROOT}/p1-* directory")
+    check_model(manifest, path, recipe)
+    return path
+
+
+def check_model(manifest: dict, path: Path, recipe: Recipe | None) -> None:
+    wanted = {"name": recipe.model.name, "kwargs": recipe.model.kwargs} if recipe else manifest["model"]
+    if manifest["model"] != wanted:
+        raise CheckpointError(f"{path} is a checkpoint of another model ({manifest['model']}, the recipe has "
+                              f"{wanted}); use a checkpoint of this model or fix model.name/model.kwargs")
+
+
+@dataclasses.dataclass
+class Start:
+    """Where this rank starts: verified checkpoint directories, None for "from scratch"."""
+
+    phase1_end: Path | None = None  # phase 1 is done (this run's, or the --from-phase1 source)
+    phase1_step: Path | None = None  # else resume phase 1 here
+    worker_end: Path | None = None  # this worker finished phase 2
+    worker_step: Path | None = None  # else resume phase 2 here
+
+    def describe(self) -> dict[str, str | None]:
+        return {k: v and str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def find_start(run_dir: Path, recipe: Recipe, worker: int, is_main: bool) -> Start:
+    """The phase-1 fields come from shared files, so every rank picks the same (collectives stay matched);
+    the worker fields are this worker's own."""
+    root = run_dir / ROOT
+
+    def warn(shared: bool):
+        return lambda msg: (is_main or not shared) and print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    start = Start(phase1_end=newest_good([root / "p1-end"] if (root / "p1-end").exists() else [], warn(True)))
+    if start.phase1_end is None and recipe.from_phase1 is not None:
+        start.phase1_end = phase1_source(recipe.from_phase1, recipe)
+    if start.phase1_end is None:
+        start.phase1_step = newest_good(step_dirs(root, "p1-step"), warn(True))
+    own_end = root / f"p2-w{worker}-end"
+    start.worker_end = newest_good([own_end] if own_end.exists() else [], warn(False))
+    if start.worker_end is None:
+        start.worker_step = newest_good(step_dirs(root, f"p2-w{worker}-step"), warn(False))
+    return start
+
+
+def load_result(path: Path, module, result_type):
+    """Weights and phase summary of an end-of-phase checkpoint: the phase is not run again."""
+    load_weights_into(module, path)
+    return result_type(**json.loads((path / "manifest.json").read_text())["result"])
+
+
+def phase2_position(start: Start, epochs: int) -> tuple[int, list[dict]]:
+    """(epoch at which this worker (re)starts phase 2, its logged epoch rows so far)."""
+    path = start.worker_end or start.worker_step
+    if path is None:
+        return 0, []
+    manifest = json.loads((path / "manifest.json").read_text())
+    return (epochs if start.worker_end else manifest["epoch"]), manifest["result"]["history"]
+
+
+def loop_state(totals: torch.Tensor, generator: torch.Generator) -> dict:
+    """Per-rank state of a training loop at a step boundary, beyond the weights: the partial epoch sums (phase
+    1's τ decision at epoch end must see the same sums after a mid-epoch resume), the augmentation generator
+    and the global RNG (dropout, drop-path)."""
+    state = {"totals": totals.cpu(), "generator": generator.get_state(), "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_loop(path: Path, state: dict, result, generator: torch.Generator, device) -> tuple[int, int, torch.Tensor]:
+    """Put a loop back where checkpoint `path` left it: `result` fields, generator and RNG from `state`.
+    Returns (epoch, steps already done in it, partial epoch sums)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key, value in manifest["result"].items():
+        setattr(result, key, value)
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    return manifest["epoch"], manifest["step_in_epoch"], state["totals"].to(device)
+
+
+class Checkpointer:
+    """Writes this rank's checkpoints. `due(step)` is an integer compare (phase 2 adds a clock read): no cost
+    and no host sync when nothing is due."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, accelerator) -> None:
+        self.root, self.cfg, self.accelerator = run_dir / ROOT, recipe.checkpoint, accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.meta = {"num_processes": self.world, "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs}}
+        self.last_good: Path | None = None
+        self._time_steps = sys.maxsize
+        self.begin(0, by_clock=False)
+
+    def begin(self, step: int, *, by_clock: bool) -> None:
+        """Count intervals from `step`. Phase-2 workers read their own clocks (they need not agree); phase-1
+        ranks must all pick the same step, so phase 1 turns minutes into steps with `calibrate` instead."""
+        self._every = self.cfg.every_steps or sys.maxsize
+        self._by_clock = by_clock and self.cfg.every_minutes is not None
+        self._mark(step)
+
+    def _mark(self, step: int) -> None:
+        self._last, self._clock = step, time.monotonic()
+        self._next = step + min(self._every, self._time_steps)
+
+    def calibrate(self, seconds_per_step: float) -> None:
+        """Phase 1, at epoch ends, with the step time averaged over ranks by the epoch's all-reduce."""
+        if self.cfg.every_minutes is not None:
+            self._time_steps = max(1, int(60 * self.cfg.every_minutes / max(seconds_per_step, 1e-9)))
+            self._next = self._last + min(self._every, self._time_steps)
+
+    def due(self, step: int) -> bool:
+        return step >= self._next or (self._by_clock and time.monotonic() - self._clock >= 60 * self.cfg.every_minutes)
+
+    def _commit(self, staging: Path, name: str, files: list[str], kind: str, step: int, info: dict) -> Path:
+        final = self.root / name
+        commit_checkpoint(staging, final, files, {"kind": kind, **self.meta, "step": step, **info})
+        return final
+
+    def _prune(self, prefix: str) -> None:
+        # Renamed out of sight first: a kill during the deletion leaves no half-deleted checkpoint in view.
+        for old in step_dirs(self.root, prefix)[self.cfg.keep :]:
+            old.rename(old.with_name(f".{old.name}.deleting"))
+        for doomed in self.root.glob(f".{prefix}*.deleting"):
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def _staging(self, name: str) -> Path:
+        staging = self.root / f".{name}.tmp"
+        staging.mkdir(parents=True, exist_ok=True)
+        return staging
+
+    def save_phase1(self, module, optimizer, result, *, epoch: int, step_in_epoch: int, totals, generator) -> None:
+        name = f"p1-step{result.steps:08d}"
+        staging = self._staging(name)
+        write_state(staging / f"rank{self.rank}.pt", loop_state(totals, generator))
+        if self.rank == 0:
+            save_weights(staging / "model.safetensors", module)
+            write_state(staging / "optimizer.pt", optimizer.state_dict())
+        # Every rank's file is on disk before rank 0 checksums them; the run dir is shared, as on any cluster.
+        self.accelerator.wait_for_everyone()
+        if self.rank == 0:
+            files = ["model.safetensors", "optimizer.pt"] + [f"rank{r}.pt" for r in range(self.world)]
+            self._commit(staging, name, files, "phase1", result.steps,
+                         {"epoch": epoch, "step_in_epoch": step_in_epoch, "result": dataclasses.asdict(result)})
+            self._prune("p1-step")
+        self.last_good = self.root / name
+        self._mark(result.steps)
+
+    def save_phase2(self, module, optimizer, result, *, worker: int, epoch: int, step_in_epoch: int, totals,
+                    generator) -> None:
+        name = f"p2-w{worker}-step{result.steps:08d}"
+        staging = self._staging(name)
+        save_weights(staging / "model.safetensors", module)
+        write_state(staging / "state.pt", {**loop_state(totals, generator), "optimizer": optimizer.state_dict()})
+        self.last_good = self._commit(staging, name, ["model.safetensors", "state.pt"], "phase2", result.steps,
+                                      {"worker": worker, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                                       "result": dataclasses.asdict(result)})
+        self._prune(f"p2-w{worker}-step")
+        self._mark(result.steps)
+
+    def save_end(self, module, name: str, kind: str, step: int, info: dict) -> Path:
+        """End of phase 1 (rank 0, the weights every rank holds after the buffer broadcast) or of one worker."""
+        staging = self._staging(name)
+        save_weights(staging / "model.safetensors", module)
+        self.last_good = self._commit(staging, name, ["model.safetensors"], kind, step, info)
+        return self.last_good
+
+
+def discard_checkpoints(run_dir: Path) -> None:
+    """`--overwrite`: start over instead of resuming (the main process, before anyone reads checkpoints)."""
+    shutil.rmtree(run_dir / ROOT, ignore_errors=True)
+
+
+def finished_workers(run_dir: Path) -> list[int]:
+    return sorted(int(p.name[4:-4]) for p in (run_dir / ROOT).glob("p2-w*-end") if (p / "manifest.json").exists())
+
+
+def _first_difference(old, new, where: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
+    return None if old == new else f"{where}: {old!r} -> {new!r}"
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create nothing, but prove a file can be created where the run directory is (or will be)."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise CheckpointError(f"output directory {run_dir} is not writable ({e}); fix its permissions or choose "
+                              "--out DIR") from None
+
+
+def check_run_dir(recipe: Recipe, run_dir: Path, num_processes: int, overwrite: bool) -> None:
+    """Pre-process-group checks of the output directory: writable, not a finished run (unless --overwrite),
+    and an unfinished one is resumed only by the same recipe and process count."""
+    check_writable(run_dir)
+    if recipe.from_phase1 is not None:
+        phase1_source(recipe.from_phase1, recipe)
+    if overwrite:
+        return
+    if (run_dir / "results.json").exists():
+        raise FileExistsError(f"{run_dir} already holds a finished run; pass --overwrite or choose --out DIR")
+    if (run_dir / "recipe.yaml").exists():
+        old = {k: v for k, v in yaml.safe_load((run_dir / "recipe.yaml").read_text()).items() if k not in _NOT_COMPUTED}
+        new = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in _NOT_COMPUTED}
+        diff = _first_difference(old, new)
+        if diff:
+            raise CheckpointError(f"{run_dir} holds an unfinished run of another recipe ({diff}); rerun the same "
+                                  "recipe to resume it, pass --overwrite to start over, or choose --out DIR")
+    for manifest in sorted((run_dir / ROOT).glob("*/manifest.json"))[:1]:
+        n = json.loads(manifest.read_text())["num_processes"]
+        if n != num_processes:
+            raise CheckpointError(f"{run_dir} was checkpointed by {n} processes but this launch has {num_processes}; "
+                                  f"relaunch with {n} to resume, or pass --overwrite to start over")
