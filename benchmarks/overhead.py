@@ -11,6 +11,8 @@ Both sides use the same model, batch, data, processes and threads; rounds altern
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,8 @@ from swap_accel.distributed import CollectiveCounter, make_accelerator
 from swap_accel.models import build_model
 from swap_accel.phase1 import train_phase1
 from swap_accel.phase2 import make_sgd, train_phase2
-from swap_accel.recipe import LRConfig, OptimizerConfig, Phase1Config, Phase2Config
+from swap_accel.recipe import LRConfig, OptimizerConfig, Phase1Config, Phase2Config, load_recipe
+from swap_accel.resume import Checkpointer
 from swap_accel.sampling import phase1_shard
 
 
@@ -38,6 +41,9 @@ def main() -> None:
     CollectiveCounter().install()  # as in a real run: every collective goes through the counter
     p, rank = accelerator.num_processes, accelerator.process_index
     opt_cfg = OptimizerConfig()
+    # A real checkpointer with the shipped recipe's policy (every 15 minutes): its per-step cost is measured too.
+    ckpt = Checkpointer(Path(tempfile.mkdtemp()), load_recipe(Path(__file__).parents[1] / "recipes/fashion_mnist.yaml"),
+                        accelerator)
     n1 = args.steps * args.global_batch
 
     def model():
@@ -57,7 +63,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(rank)
 
     def swap_phase1():
-        train_phase1(ours, ours_opt, sub1, cfg1, opt_cfg, accelerator, seed=0, tau=None, log=lambda row: None)
+        train_phase1(ours, ours_opt, sub1, cfg1, opt_cfg, accelerator, seed=0, tau=None, log=lambda row: None,
+                     ckpt=ckpt)
 
     def bare_phase1():
         order = phase1_shard(n1, seed=0, epoch=0, global_batch=args.global_batch, rank=rank, num_processes=p)
@@ -79,7 +86,8 @@ def main() -> None:
     cfg2 = Phase2Config(per_worker_batch_size=args.worker_batch, epochs=1, lr=LRConfig(peak=0.05))
 
     def swap_phase2():
-        train_phase2(worker_model, sub2, cfg2, opt_cfg, accelerator, seed=0, worker=rank, log=lambda row: None)
+        train_phase2(worker_model, sub2, cfg2, opt_cfg, accelerator, seed=0, worker=rank, log=lambda row: None,
+                     ckpt=ckpt)
 
     def plain_phase2():
         for idx in torch.randperm(n2, generator=gen).split(args.worker_batch):

@@ -87,7 +87,7 @@ class LRConfig(Strict):
     warmup_epochs: float = Field(0.0, ge=0)
     schedule_epochs: float | None = Field(None, gt=0)
     start_epoch: float = Field(0.0, ge=0)
-    shape: Literal["linear", "cosine"] = "linear"
+    shape: Literal["linear", "cosine", "constant"] = "linear"
 
 
 class Phase1Config(Strict):

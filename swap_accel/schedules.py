@@ -19,6 +19,8 @@ def lr_at_epoch(epoch: float, *, peak: float, warmup_epochs: float, total_epochs
         return peak * epoch / warmup_epochs
     decay_epochs = total_epochs - warmup_epochs
     progress = min(1.0, (epoch - warmup_epochs) / decay_epochs) if decay_epochs > 0 else 1.0
+    if shape == "constant":  # SWA-style (Izmailov et al. 2018): workers keep exploring, the average denoises
+        return peak
     if shape == "cosine":
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak * (1.0 - progress)

@@ -8,7 +8,6 @@ load: a crafted pickle with a payload is refused without running it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -155,8 +154,7 @@ def test_a_crafted_pickle_is_refused_not_run(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_state(state)
     assert not marker.exists()
-    # ... even with a manifest whose checksum matches: checksums catch damage, weights_only stops code.
-    assert hashlib.sha256(state.read_bytes()).hexdigest()
+    # The same loader still reads a legitimate state file (tensors and plain containers).
     torch.save({"totals": torch.zeros(4), "history": [{"epoch": 1}]}, state)
     assert load_state(state)["history"] == [{"epoch": 1}]
 

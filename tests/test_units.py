@@ -165,3 +165,8 @@ def test_bn_shards_rebuild_the_same_batches():
         rebuilt = [b for r in range(p) for b in bn_shard(order, batch_size=100, rank=r, num_processes=p).split(100)]
         key = lambda t: t.tolist()  # noqa: E731
         assert sorted(map(key, rebuilt)) == sorted(map(key, batches))
+
+
+def test_constant_shape_keeps_peak_after_warmup():
+    lr_at = make_schedule(LRConfig(peak=0.05, warmup_epochs=1, shape="constant"), epochs=3, steps_per_epoch=2)
+    assert [lr_at(s) for s in range(6)] == pytest.approx([0.0125, 0.0375, 0.05, 0.05, 0.05, 0.05])
