@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -143,6 +143,12 @@ class TrackingConfig(Strict):
     # Paper Figure 1's averaged-model curve: "off"; "end" (phase 3's own result, no extra cost); or N
     # (also a scratch average + BN recalibration + evaluation every N phase-2 epochs).
     averaged_curve: Literal["off", "end"] | PositiveInt = "end"
+
+    @field_validator("averaged_curve", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` as false; the user meant the setting "off".
+        return "off" if value is False else value
 
 
 class Recipe(Strict):

@@ -170,3 +170,9 @@ def test_bn_shards_rebuild_the_same_batches():
 def test_constant_shape_keeps_peak_after_warmup():
     lr_at = make_schedule(LRConfig(peak=0.05, warmup_epochs=1, shape="constant"), epochs=3, steps_per_epoch=2)
     assert [lr_at(s) for s in range(6)] == pytest.approx([0.0125, 0.0375, 0.05, 0.05, 0.05, 0.05])
+
+
+def test_bare_yaml_off_means_off(tmp_path):
+    r = load_recipe(_write(tmp_path, BASE + "tracking: {averaged_curve: off}\n"), ["tracking.averaged_curve=2"])
+    assert r.tracking.averaged_curve == 2
+    assert load_recipe(_write(tmp_path, BASE + "tracking: {averaged_curve: off}\n")).tracking.averaged_curve == "off"
