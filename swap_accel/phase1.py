@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from .checkpoints import load_state, load_weights_into
 from .data import DataSource
 from .distributed import all_reduce_sum
-from .recipe import OptimizerConfig, Phase1Config
+from .recipe import OptimizerConfig, Phase1Config, RecipeError
 from .resume import Checkpointer, restore_loop
 from .sampling import AUGMENT, derive_seed, phase1_shard
 from .schedules import make_schedule
@@ -72,7 +72,7 @@ def train_phase1(
     accumulation = per_process // micro
     steps_per_epoch = source.num_samples // cfg.global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise RecipeError(
             f"phase1.global_batch_size={cfg.global_batch_size} exceeds the {source.num_samples} training samples; "
             "lower it or use more data"
         )
