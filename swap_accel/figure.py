@@ -40,18 +40,23 @@ def draw(results: dict) -> Figure:
     e1 = p1["epochs"]
     xs, ys = _lr_curve(recipe["phase1"]["lr"], recipe["phase1"]["max_epochs"], e1, p1["steps"], 0.0)
     lr_ax.plot(xs, ys, color="0.55", lw=1.2, ls="--", label="learning rate")
-    p1_points = [(r["epoch"], r["test_acc"]) for r in p1["history"] if "test_acc" in r] or [(e1, p1["test_acc"])]
-    if p1_points[-1][0] != e1:
-        p1_points.append((e1, p1["test_acc"]))
-    acc_ax.plot(*zip(*p1_points, strict=True), color="black", marker="o", ms=3, lw=2, label="phase-1 model (shared)")
+    # `swap_accel average` of a worker's mid-phase checkpoint knows no phase-1 test accuracy or history.
+    p1_acc = p1.get("test_acc")
+    start = [(e1, p1_acc)] if p1_acc is not None else []
+    p1_points = [(r["epoch"], r["test_acc"]) for r in p1.get("history", []) if r.get("test_acc") is not None]
+    if start and (not p1_points or p1_points[-1][0] != e1):
+        p1_points += start
+    if p1_points:
+        acc_ax.plot(*zip(*p1_points, strict=True), color="black", marker="o", ms=3, lw=2,
+                    label="phase-1 model (shared)")
     if p2:
         xs, ys = _lr_curve(recipe["phase2"]["lr"], p2["epochs"], p2["epochs"], p2["steps_per_worker"], e1)
         lr_ax.plot(xs, ys, color="0.55", lw=1.2, ls="--")
-        history = [h for h in p2["workers_history"] if h["workers"][0]["test_acc"] is not None]
+        history = [h for h in p2.get("workers_history", []) if h["workers"][0]["test_acc"] is not None]
         n = len(results["workers"])
         colours = plt.get_cmap("tab10" if n <= 10 else "viridis")
         for k in range(n):
-            points = [(e1, p1["test_acc"])] + [(h["epoch"], h["workers"][k]["test_acc"]) for h in history]
+            points = start + [(h["epoch"], h["workers"][k]["test_acc"]) for h in history]
             if not history or history[-1]["epoch"] != e1 + p2["epochs"]:
                 points.append((e1 + p2["epochs"], results["workers"][k]["test_acc"]))
             label = f"worker {k}" if n <= 4 else (f"workers 0-{n - 1}" if k == 0 else None)
@@ -59,7 +64,7 @@ def draw(results: dict) -> Figure:
                         lw=1, alpha=0.8 if n <= 4 else 0.55, marker=".", ms=3, label=label, gid=f"worker{k}")
         curve = results.get("averaged_curve") or {"points": []}
         if curve["points"]:
-            points = [(e1, p1["test_acc"])] + [(p["epoch"], p["test_acc"]) for p in curve["points"]]
+            points = start + [(p["epoch"], p["test_acc"]) for p in curve["points"]]
             acc_ax.plot(*zip(*points, strict=True), color="crimson", lw=2, marker="*", ms=9,
                         label="averaged model (SWAP)", gid="averaged")
         lr_ax.axvline(e1, color="0.3", lw=0.8, ls=":")

@@ -171,6 +171,8 @@ class Checkpointer:
         ranks must all pick the same step, so phase 1 turns minutes into steps with `calibrate` instead."""
         self._every = self.cfg.every_steps or sys.maxsize
         self._by_clock = by_clock and self.cfg.every_minutes is not None
+        if by_clock:  # phase 2 keeps time by its own clock, not by phase 1's (longer) calibrated steps
+            self._time_steps = sys.maxsize
         self._mark(step)
 
     def _mark(self, step: int) -> None:

@@ -179,7 +179,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "step" in errors[0]
     assert "the last good checkpoint is kept" in errors[0] and not (out / "results.json").exists()
     kept = sorted((out / "checkpoints").glob("p1-step*"))
-    assert kept and all(json.loads((k / "manifest.json").read_text())["step"] for k in kept)
+    assert kept and all(json.loads((k / "manifest.json").read_text())["step"] == int(k.name.removeprefix("p1-step"))
+                        for k in kept)
     params = {name for name, _ in build_model("resnet9", in_chans=1, num_classes=10,
                                               kwargs={"base_width": 8}).named_parameters()}
     for k in kept:  # every kept checkpoint holds finite weights (BN running statistics may overflow first)
