@@ -24,9 +24,10 @@ def evaluate_shared(module: nn.Module, loader, accelerator: Accelerator) -> tupl
     for x, y in loader:
         with accelerator.autocast():
             preds = module(x).argmax(1)
-        preds, y = accelerator.gather_for_metrics((preds, y))
-        correct += (preds == y).sum()
-        counted += y.numel()
+        # One gather per batch of the per-sample hits (not of predictions and labels, two gathers).
+        hits = accelerator.gather_for_metrics((preds == y).to(torch.uint8))
+        correct += hits.sum()
+        counted += hits.numel()
     module.train()
     return correct.item() / max(counted.item(), 1), int(counted.item())
 
