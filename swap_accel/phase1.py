@@ -43,13 +43,15 @@ class TrainingDiverged(RuntimeError):
 
 def require_finite(module: torch.nn.Module, where: str, ckpt: Checkpointer, totals: torch.Tensor | None = None) -> None:
     """Never checkpoint diverged weights over good ones (issue 4): one host sync, only when a checkpoint is due."""
-    finite = torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()
+    # Parameters and BN running statistics: NaN statistics would poison evaluation and phase 3 just the same.
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
     if totals is not None:
         finite &= torch.isfinite(totals).all()
     if not finite:
-        raise TrainingDiverged(f"{where}: the loss or the weights became NaN/Inf; stopped there, the last good "
-                               f"checkpoint is kept ({ckpt.last_good or 'none was written yet'}); lower the learning "
-                               "rate and rerun with --overwrite")
+        kept = ckpt.last_good or "none was written yet"
+        raise TrainingDiverged(f"{where}: the loss, weights or BN statistics became NaN/Inf; stopped there, the last "
+                               f"good checkpoint is kept ({kept}); lower the learning rate and rerun with --overwrite")
 
 
 def train_phase1(

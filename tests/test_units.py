@@ -178,3 +178,17 @@ def test_bare_yaml_off_means_off(tmp_path):
     r = load_recipe(_write(tmp_path, BASE + "tracking: {averaged_curve: off}\n"), ["tracking.averaged_curve=2"])
     assert r.tracking.averaged_curve == 2
     assert load_recipe(_write(tmp_path, BASE + "tracking: {averaged_curve: off}\n")).tracking.averaged_curve == "off"
+
+
+@pytest.mark.parametrize("poison", ["weight", "running_var"])
+def test_nan_weights_or_bn_statistics_stop_before_a_checkpoint(poison):
+    from types import SimpleNamespace
+
+    from swap_accel.phase1 import TrainingDiverged, require_finite
+
+    module = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8})
+    ckpt = SimpleNamespace(last_good="p1-step-10")
+    require_finite(module, "phase 1 step 11", ckpt)  # finite: passes
+    getattr(module.layer1[0][1], poison).data[0] = float("nan")  # a BN layer's weight or running variance
+    with pytest.raises(TrainingDiverged, match="p1-step-10"):
+        require_finite(module, "phase 1 step 11", ckpt)
