@@ -167,3 +167,19 @@ def test_launch_that_is_not_one_group_is_refused(tmp_path):
                              "--master_port", str(free_port()), str(script)],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_compiled_model_runs_all_three_phases_with_plain_checkpoints(tmp_path, data_cache, run2):
+    """`model.compile: true` (issue 5): the in-place compile keeps state_dict keys, so worker files and the
+    averaged model load into an uncompiled model; the run trains like the eager one (same recipe, run2)."""
+    recipe = tiny_recipe(tmp_path, data_cache, model={"compile": True})
+    out = tmp_path / "run"
+    result = launch(2, recipe, out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    eager = run2["results"]
+    assert abs(results["phase1"]["history"][0]["train_loss"] - eager["phase1"]["history"][0]["train_loss"]) < 0.05
+    assert abs(results["test_acc"] - eager["test_acc"]) < 0.05
+    expected = set(build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8}).state_dict())
+    for path in [out / "model.safetensors", *(out / "workers").glob("worker*.safetensors")]:
+        assert set(load_file(path)) == expected, path
