@@ -102,7 +102,8 @@ def table(rows: dict) -> str:
 def render_readme(payload: dict) -> None:
     """Put the table, the targets and the command that made them between the README's markers."""
     readme = ROOT / "README.md"
-    begin, end = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+    marker = "reproduce-quick" if payload["quick"] else "reproduce"  # each variant has its own block
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     text = readme.read_text()
     command = ".venv/bin/python -m benchmarks.reproduce" + (" --quick" if payload["quick"] else "")
     scale = f" ({', '.join(payload['extra'])})" if payload["extra"] else " (whole data set)"

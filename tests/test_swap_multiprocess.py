@@ -95,6 +95,14 @@ def test_phase2_makes_zero_collectives(run):
     assert run["results"]["collectives"]["phase3"]["calls"] == 2  # one flat average + one flat BN-stat sum
 
 
+def test_phase1_syncs_once_per_step_and_once_per_epoch(run):
+    """One gradient all-reduce per optimizer step (the tiny model fits one DDP bucket; micro-batches run under
+    no_sync), one metrics all-reduce per epoch (the τ decision) and one BN-buffer broadcast when phase 1 ends.
+    No per-step buffer broadcast: DDP's broadcast_buffers is off (issue 5), and the results do not change."""
+    p1 = run["results"]["phase1"]
+    assert run["results"]["collectives"]["phase1"]["calls"] == p1["steps"] + p1["epochs"] + 1
+
+
 def test_each_worker_visits_every_sample_once_per_epoch_in_its_own_order(run):
     n = run["recipe"].data.train_subset
     for worker, rank in enumerate(run["ranks"]):
