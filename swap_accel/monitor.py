@@ -72,7 +72,9 @@ class Monitor:
         self.progress.epoch(row)
 
     def _phase2(self, row: dict) -> None:
-        if self._due(row["epoch"]):
+        # A row replayed after a resume (train.py) carries the accuracy measured when it was first logged; the
+        # resumed weights are from a later step, so evaluating them would misreport that epoch.
+        if self._due(row["epoch"]) and "test_acc" not in row:
             # The worker's own model exists on this process only: evaluated here, no communication.
             row["test_acc"] = evaluate_local(self.module, self.test_data, self.recipe.eval.batch_size, self.accelerator)
         mine = torch.tensor([row.get(k, math.nan) for k in _WORKER_KEYS], dtype=torch.float64,

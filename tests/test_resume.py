@@ -107,6 +107,11 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, 
                               reference / "workers" / f"worker{k}.safetensors") == []
     mine, ref = (json.loads((d / "results.json").read_text()) for d in (out, reference))
     assert mine["phase1"]["steps"] == ref["phase1"]["steps"] and mine["test_acc"] == ref["test_acc"]
+    # Issue 3's per-worker curves survive the resume too (replayed rows keep the accuracy they were logged with).
+    def curves(results):
+        return [[(w["train_loss"], w["train_acc"], w["test_acc"]) for w in row["workers"]]
+                for row in results["phase2"]["workers_history"]]
+    assert curves(mine) == curves(ref)
 
 
 def test_average_of_a_whole_run_equals_its_phase3(reference, tmp_path):
