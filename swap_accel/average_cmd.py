@@ -11,14 +11,11 @@ same for two workers), the same exact BatchNorm recalibration and evaluation, an
 from __future__ import annotations
 
 import json
-import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from . import __version__
 from .bn import recalibrate_bn_
 from .checkpoints import (
     CheckpointError,
@@ -34,7 +31,7 @@ from .distributed import CollectiveCounter, make_accelerator
 from .evaluate import evaluate_local, evaluate_shared
 from .models import build_model
 from .recipe import Recipe, dump_recipe
-from .report import print_table
+from .report import averaging_summary, print_table, run_header
 from .resume import ROOT, check_model, check_writable
 
 _PHASES = ("setup", "phase3", "evaluation")
@@ -127,19 +124,15 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     p1 = _phase1_summary(*workers[0])
     accs, steps = [r["test_acc"] for r in rows], max(r["steps"] for r in rows)
     results = {
-        "name": recipe.name, "mode": "swap", "version": __version__, "num_processes": accelerator.num_processes,
-        "model": recipe.model.name, "device": str(accelerator.device), "platform": platform.platform(),
-        "recipe": recipe.model_dump(mode="json"), "averaged_from": [str(p) for p, _ in workers],
+        **run_header(recipe, accelerator, "swap"), "averaged_from": [str(p) for p, _ in workers],
         "phase1": p1,
         "phase2": {"epochs": max(m["result"]["epochs"] for _, m in workers), "steps_per_worker": steps,
                    "seconds": max(m["result"]["seconds"] for _, m in workers),
                    "per_worker_batch_size": recipe.phase2.per_worker_batch_size if recipe.phase2 else None,
                    "history": workers[0][1]["result"]["history"]},
         "phase3": {"seconds": p3_seconds, "averaged_values": sum(t.numel() for t in total), "bn": bn},
-        "workers": rows,
-        "before_averaging": {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0},
-        "after_averaging": {"test_acc": final_acc, "samples": counted},
-        "test_acc": final_acc, "critical_path_steps": p1.get("steps", 0) + steps,
+        "workers": rows, **averaging_summary(accs, final_acc, counted),
+        "critical_path_steps": p1.get("steps", 0) + steps,
         "collectives": {p: {"calls": counter.calls[p], "bytes": counter.bytes[p]} for p in _PHASES},
         "total_seconds": time.perf_counter() - started,
     }

@@ -1,9 +1,29 @@
-"""The paper's Table 1 for one or several runs, from their `results.json`."""
+"""The paper's Table 1 for one or several runs, from their `results.json`, and the parts of results.json
+that `train` and `average` share."""
 
 from __future__ import annotations
 
+import platform
+import statistics
+
 from rich.console import Console
 from rich.table import Table
+
+from . import __version__
+
+
+def run_header(recipe, accelerator, mode: str) -> dict:
+    """What ran, where, with which resolved recipe: the first keys of every results.json."""
+    return {"name": recipe.name, "mode": mode, "version": __version__, "num_processes": accelerator.num_processes,
+            "model": recipe.model.name, "device": str(accelerator.device), "platform": platform.platform(),
+            "recipe": recipe.model_dump(mode="json")}
+
+
+def averaging_summary(worker_accs: list[float], final_acc: float, counted: int) -> dict:
+    """Table 1's SWAP rows: the workers before averaging (mean, std) and the averaged model after."""
+    return {"before_averaging": {"mean": statistics.fmean(worker_accs),
+                                 "std": statistics.stdev(worker_accs) if len(worker_accs) > 1 else 0.0},
+            "after_averaging": {"test_acc": final_acc, "samples": counted}, "test_acc": final_acc}
 
 
 def table_rows(results: dict) -> list[tuple[str, str, str, str]]:

@@ -9,8 +9,6 @@ with the full epoch budget: the paper's small- and large-batch baselines through
 from __future__ import annotations
 
 import dataclasses
-import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from .phase1 import Phase1Result, train_phase1
 from .phase2 import Phase2Result, make_sgd, train_phase2
 from .progress import Progress
 from .recipe import Recipe, dump_recipe
-from .report import print_table, table_rows
+from .report import averaging_summary, print_table, run_header, table_rows
 from .resume import Checkpointer, discard_checkpoints, find_start, finished_workers, load_result, phase2_position
 from .sampling import digest
 
@@ -116,10 +114,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     accelerator.print(f"phase 1 done: {p1.epochs} epochs, {p1.steps} steps, {p1.seconds:.1f} s, "
                       f"train acc {100 * p1.train_acc:.2f}%, test acc {100 * p1_test_acc:.2f}%", flush=True)
     results = {
-        "name": recipe.name, "mode": recipe.mode, "version": __version__, "num_processes": world,
-        "model": recipe.model.name, "device": str(accelerator.device), "platform": platform.platform(),
+        **run_header(recipe, accelerator, recipe.mode),
         # Table 1 times exclude issue 3's monitoring at logging points (reported as monitoring_seconds).
-        "recipe": recipe.model_dump(mode="json"),
         "phase1": {"epochs": p1.epochs, "steps": p1.steps, "seconds": p1.seconds - log.seconds["phase1"],
                    "monitoring_seconds": log.seconds["phase1"], "train_acc": p1.train_acc,
                    "train_loss": p1.train_loss, "reached_tau": p1.reached_tau, "test_acc": p1_test_acc,
@@ -186,10 +182,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
             "averaged_curve": log.curve_summary(),
             "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "bn": bn},
             "workers": [{"index": i, "test_acc": a, "train_acc": t} for i, (a, t) in enumerate(per_worker.tolist())],
-            "before_averaging": {"mean": statistics.fmean(accs),
-                                 "std": statistics.stdev(accs) if len(accs) > 1 else 0.0},
-            "after_averaging": {"test_acc": final_acc, "samples": counted},
-            "test_acc": final_acc,
+            **averaging_summary(accs, final_acc, counted),
             "critical_path_steps": p1.steps + p2.steps,
         })
 
