@@ -126,13 +126,12 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
 
     if recipe.mode == "swap":
         # Phase 2: independent small-batch refinement, one worker per process, no communication.
-        # Issue 3 logs phase 2 with one gather per epoch end. Workers resuming at different epochs first replay
-        # their stored rows for the epochs the others still train, so every gather has all its partners.
+        # Issue 3 logs phase 2 with one gather per epoch end. A resumed worker first replays the rows it logged
+        # before (with the accuracies measured then): every worker then makes exactly one gather per epoch, in
+        # order, whichever epoch it resumes at, and the resumed run's curves cover the whole of phase 2.
         own_epoch, rows = phase2_position(start, recipe.phase2.epochs)
-        with counter.phase("setup"):
-            first_epoch = int(gather_values(torch.tensor([own_epoch], device=accelerator.device), accelerator).min())
         with counter.phase("phase2"), peers_optional(f"worker {rank}"):
-            for row in rows[first_epoch:own_epoch]:
+            for row in rows[:own_epoch]:
                 log(dict(row))
             if start.worker_end is None:
                 p2 = train_phase2(module, train_data, recipe.phase2, recipe.optimizer, accelerator,
