@@ -54,6 +54,14 @@ def require_finite(module: torch.nn.Module, where: str, ckpt: Checkpointer, tota
                                f"good checkpoint is kept ({kept}); lower the learning rate and rerun with --overwrite")
 
 
+def log_off_clock(log, row: dict) -> float:
+    """Run the epoch-end logging point; return its seconds, which the loops add to their start time: Table 1
+    times leave out issue 3's monitoring, and so do the seconds a checkpoint stores and a resume continues."""
+    logged = time.perf_counter()
+    log(row)
+    return time.perf_counter() - logged
+
+
 def train_phase1(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -140,11 +148,7 @@ def train_phase1(
         row = {"phase": 1, "epoch": result.epochs, "step": result.steps, "lr": lr, "train_loss": result.train_loss,
                "train_acc": result.train_acc, "images_per_s": count / seconds, "seconds": seconds}
         result.history.append(row)
-        logged = time.perf_counter()
-        log(row)
-        # Table 1 times leave out issue 3's monitoring: its time is kept off this clock, so the seconds a
-        # checkpoint stores (and a resumed run continues from) exclude it too.
-        start += time.perf_counter() - logged
+        start += log_off_clock(log, row)
         # τ is a fraction of the last epoch's training accuracy, identical on every rank after the all-reduce.
         if tau is not None and result.train_acc >= tau:
             result.reached_tau = True

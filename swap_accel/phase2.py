@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from .checkpoints import load_state, load_weights_into
 from .data import DataSource
-from .phase1 import TrainingDiverged, require_finite
+from .phase1 import TrainingDiverged, log_off_clock, require_finite
 from .recipe import OptimizerConfig, Phase2Config
 from .resume import Checkpointer, restore_loop
 from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, worker_order
@@ -117,11 +117,7 @@ def train_phase2(
                "train_loss": result.train_loss, "train_acc": result.train_acc, "images_per_s": count / seconds,
                "seconds": seconds}
         result.history.append(row)
-        logged = time.perf_counter()
-        log(row)
-        # Table 1 times leave out issue 3's monitoring: its time is kept off this clock, so the seconds a
-        # checkpoint stores (and a resumed run continues from) exclude it too.
-        start += time.perf_counter() - logged
+        start += log_off_clock(log, row)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import platform
 import statistics
 
+from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .recipe import Recipe
 
 
-def run_header(recipe, accelerator, mode: str) -> dict:
+def run_header(recipe: Recipe, accelerator: Accelerator, mode: str) -> dict:
     """What ran, where, with which resolved recipe: the first keys of every results.json."""
     return {"name": recipe.name, "mode": mode, "version": __version__, "num_processes": accelerator.num_processes,
             "model": recipe.model.name, "device": str(accelerator.device), "platform": platform.platform(),
