@@ -57,10 +57,12 @@ def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]
             raise CheckpointError(f"{path} is a {manifest.get('kind')} checkpoint, not a phase-2 worker's; pass "
                                   f"{ROOT}/p2-w* directories or run directories")
         check_model(manifest, path, recipe)
-        if manifest["worker"] in seen:
-            raise CheckpointError(f"worker {manifest['worker']} is given twice ({seen[manifest['worker']]} and "
-                                  f"{path}); pass each worker once")
-        seen[manifest["worker"]] = path
+        # Issue 9: a worker is (phase-1 origin, seed, worker index): worker 0 of two --from-phase1 runs with
+        # different seeds are two workers. What must not enter twice is one checkpoint, under any path.
+        same = seen.get(path.resolve()) or seen.get(manifest["files"]["model.safetensors"]["sha256"])
+        if same:
+            raise CheckpointError(f"{path} and {same} are the same worker checkpoint; pass each worker once")
+        seen[path.resolve()] = seen[manifest["files"]["model.safetensors"]["sha256"]] = path
         workers.append((path, manifest))
     # Averaging only helps models that left one phase-1 solution together (paper section 3).
     origins = {m["phase1_params"] for _, m in workers if "phase1_params" in m}
@@ -100,12 +102,15 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
         with counter.phase("evaluation"):
             acc = evaluate_local(module, test_data, recipe.eval.batch_size, accelerator)
         result = manifest["result"]
-        rows.append({"index": manifest["worker"], "test_acc": acc, "train_acc": result["train_acc"],
-                     "steps": result["steps"], "checkpoint": str(path)})
+        rows.append({"index": manifest["worker"], "seed": manifest.get("seed"), "test_acc": acc,
+                     "train_acc": result["train_acc"], "seconds": result["seconds"], "steps": result["steps"],
+                     "checkpoint": str(path)})
         params = [p.detach().clone() for p in module.parameters() if p.dtype.is_floating_point]
         total = params if total is None else [t.add_(p) for t, p in zip(total, params, strict=True)]
-        if accelerator.is_main_process:
-            save_weights(_mkdir(out / "workers") / f"worker{manifest['worker']}.safetensors", module)
+        if accelerator.is_main_process:  # numbered in the order given: two runs may each have a worker 0
+            save_weights(_mkdir(out / "workers") / f"worker{len(rows) - 1}.safetensors", module,
+                         {"worker": str(manifest["worker"]), "seed": str(manifest.get("seed")),
+                          "checkpoint": str(path)})
     p3_start = time.perf_counter()
     with torch.no_grad(), counter.phase("phase3"):
         floats = [p for p in module.parameters() if p.dtype.is_floating_point]
@@ -127,7 +132,9 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
         **run_header(recipe, accelerator, "swap"), "averaged_from": [str(p) for p, _ in workers],
         "phase1": p1,
         "phase2": {"epochs": max(m["result"]["epochs"] for _, m in workers), "steps_per_worker": steps,
-                   "seconds": max(m["result"]["seconds"] for _, m in workers),
+                   # How the workers were laid out is not known here: timed as if they ran side by side.
+                   "seconds": max(r["seconds"] for r in rows), "workers": len(rows),
+                   "slowest_worker_seconds": max(r["seconds"] for r in rows),
                    "per_worker_batch_size": recipe.phase2.per_worker_batch_size if recipe.phase2 else None,
                    "history": workers[0][1]["result"]["history"]},
         "phase3": {"seconds": p3_seconds, "averaged_values": sum(t.numel() for t in total), "bn": bn},

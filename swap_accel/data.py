@@ -66,13 +66,13 @@ class DataSource:
     device: torch.device
 
     def batches(
-        self, order: Tensor, batch_size: int, *, augment: bool, generator: torch.Generator | None
+        self, order: Tensor, batch_size: int | list[int], *, augment: bool, generator: torch.Generator | None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (float32 normalized images [B,C,H,W], int64 labels [B]) on `self.device` following `order`.
 
         Every index of `order` (int64, any length, may repeat or be a shard) is yielded exactly once and in
-        order, the last partial batch included. augment=False gives plain normalized images (BN
-        recalibration, evaluation).
+        order, the last partial batch included; a list of sizes gives batches of exactly those sizes.
+        augment=False gives plain normalized images (BN recalibration, evaluation).
         """
         raise NotImplementedError
 
@@ -81,10 +81,11 @@ class DataSource:
         raise NotImplementedError
 
 
-def _split_order(order: Tensor, num_samples: int, batch_size: int) -> tuple[Tensor, ...]:
-    """`order` cut into batches of `batch_size`, the last one partial; no batches at all for an empty order."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+def _split_order(order: Tensor, num_samples: int, batch_size: int | list[int]) -> tuple[Tensor, ...]:
+    """`order` cut into batches of `batch_size`, the last one partial, or of the listed sizes (a worker group's
+    member shard, sampling.worker_shard); no batches at all for an empty order."""
+    if min(batch_size if isinstance(batch_size, list) else [batch_size], default=1) <= 0:
+        raise ValueError(f"batch sizes must be positive, got {batch_size}")
     order = torch.as_tensor(order, dtype=torch.int64).reshape(-1)
     # Checked on the CPU: an out-of-range index on CUDA is an asynchronous device assert, not an error.
     if order.numel() and (int(order.min()) < 0 or int(order.max()) >= num_samples):
@@ -142,7 +143,7 @@ class InMemorySource(DataSource):
         self._shift_dev, self._scale_dev = self._shift.to(self.device), self._scale.to(self.device)
 
     def batches(
-        self, order: Tensor, batch_size: int, *, augment: bool, generator: torch.Generator | None
+        self, order: Tensor, batch_size: int | list[int], *, augment: bool, generator: torch.Generator | None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         chunks = _split_order(order, self.num_samples, batch_size)
         if augment and generator is not None and generator.device.type != self.device.type:
@@ -210,7 +211,7 @@ class StreamingSource(DataSource):
                           persistent_workers=False, **kwargs)
 
     def batches(
-        self, order: Tensor, batch_size: int, *, augment: bool, generator: torch.Generator | None
+        self, order: Tensor, batch_size: int | list[int], *, augment: bool, generator: torch.Generator | None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         index_lists = [chunk.tolist() for chunk in _split_order(order, self.num_samples, batch_size)]
         if not index_lists:

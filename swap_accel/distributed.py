@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import sys
 import threading
@@ -22,6 +23,8 @@ import torch.distributed as dist
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+from .topology import WorkerLayout
 
 
 class DistributedError(RuntimeError):
@@ -74,6 +77,17 @@ _COUNTED = (
 )
 
 
+def _group_position(name: str, fn) -> int | None:
+    """Where a collective takes its process group positionally (`group`; `_broadcast_coalesced`: first)."""
+    if name == "_broadcast_coalesced":
+        return 0
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("group") if "group" in params else None
+
+
 def _payload_bytes(name: str, args: tuple) -> int:
     position = 1 if name in ("all_gather", "all_gather_into_tensor", "_broadcast_coalesced") else 0
     tensors = args[position] if len(args) > position else None
@@ -90,13 +104,16 @@ class CollectiveCounter:
     Wrapping the module functions catches Accelerate's ops (`reduce`, `gather`, ...) and DDP's
     parameter/buffer broadcasts; DDP's gradient all-reduce runs in C++ unless a comm hook is set, so
     `watch_ddp` registers the stock all-reduce hook, which calls `dist.all_reduce` (same math).
-    Nested calls (e.g. all_gather_object → all_gather) count once.
+    Nested calls (e.g. all_gather_object → all_gather) count once. A collective on a phase-2 worker group
+    (issue 9) made while phase 2 runs is counted as `phase2_in_group`, apart from `phase2`, which counts
+    what crosses between workers and must stay 0.
     """
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = defaultdict(int)
         self.bytes: dict[str, int] = defaultdict(int)
         self.current = "setup"
+        self.worker_group = None
         self._depth = threading.local()
         self._originals: dict[str, object] = {}
 
@@ -112,13 +129,24 @@ class CollectiveCounter:
             setattr(dist, name, fn)
         self._originals.clear()
 
+    def _label(self, name: str, position: int | None, args: tuple, kwargs: dict) -> str:
+        if self.current != "phase2" or self.worker_group is None:
+            return self.current
+        group = kwargs.get("group", kwargs.get("process_group"))
+        if group is None and position is not None and len(args) > position:
+            group = args[position]
+        return "phase2_in_group" if group is self.worker_group else self.current
+
     def _wrap(self, name: str, fn):
+        position = _group_position(name, fn)
+
         @functools.wraps(fn)
         def counted(*args, **kwargs):
             depth = getattr(self._depth, "n", 0)
             if depth == 0:
-                self.calls[self.current] += 1
-                self.bytes[self.current] += _payload_bytes(name, args)
+                label = self._label(name, position, args, kwargs)
+                self.calls[label] += 1
+                self.bytes[label] += _payload_bytes(name, args)
             self._depth.n = depth + 1
             try:
                 return fn(*args, **kwargs)
@@ -139,9 +167,36 @@ class CollectiveCounter:
         return {p: {"calls": self.calls[p], "bytes": self.bytes[p]} for p in sorted(self.calls)}
 
     @staticmethod
-    def watch_ddp(model: torch.nn.Module) -> None:
+    def watch_ddp(model: torch.nn.Module, group=None) -> None:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model.register_comm_hook(None, allreduce_hook)
+            model.register_comm_hook(group, allreduce_hook)
+
+
+def make_worker_group(layout: WorkerLayout, rank: int, counter: CollectiveCounter):
+    """This rank's phase-2 worker group (issue 9), or None when a worker is one process. `new_group` must be
+    called by every rank for every group in the same order, so all groups are made here, once, before phase 1."""
+    if layout.processes_per_worker == 1:
+        return None
+    mine = None
+    for worker in range(layout.workers):
+        group = dist.new_group(layout.group_ranks(worker))
+        if rank in layout.group_ranks(worker):
+            mine = group
+    counter.worker_group = mine
+    return mine
+
+
+def data_parallel(module: torch.nn.Module, group, device: torch.device) -> torch.nn.Module:
+    """A worker group's data-parallel wrapper: gradients all-reduced inside `group` only. Every member already
+    holds the phase-1 weights (no initial broadcast) and BN buffers are synced once, at the worker's end
+    (`broadcast_buffers_`), not before every forward."""
+    if group is None:
+        return module
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, process_group=group,
+        init_sync=False, forward_sync_buffers=False)
+    CollectiveCounter.watch_ddp(ddp, group)
+    return ddp
 
 
 def is_distributed(accelerator: Accelerator) -> bool:
@@ -183,11 +238,11 @@ def peers_optional(who: str):
     return _lost_peer_policy(warn)
 
 
-def all_reduce_sum(tensor: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
-    """Sum across processes in place (float64 stays float64; gloo supports it)."""
+def all_reduce_sum(tensor: torch.Tensor, accelerator: Accelerator, group=None) -> torch.Tensor:
+    """Sum across processes (or across a worker group) in place (float64 stays float64; gloo supports it)."""
     if is_distributed(accelerator):
         try:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         except RuntimeError as e:
             if _on_lost_peer is not None:
                 _on_lost_peer(e)
@@ -199,6 +254,11 @@ def _float_params(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.dtype.is_floating_point]
 
 
+def flat_parameters(module: torch.nn.Module) -> torch.Tensor:
+    """Every floating-point parameter in one new flat vector: a worker's term of phase 3's sum."""
+    return torch.cat([p.detach().reshape(-1) for p in _float_params(module)])
+
+
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     # copy_ (not `.data =` views into `flat`) keeps each tensor's own storage and memory format.
     for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
@@ -206,29 +266,34 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def average_parameters_(module: torch.nn.Module, accelerator: Accelerator) -> int:
-    """Replace every floating-point parameter by its mean over all workers (paper Algorithm 1, phase 3).
+def average_workers_(module: torch.nn.Module, local_sum: torch.Tensor, workers: int, accelerator: Accelerator) -> int:
+    """Set every floating-point parameter of `module` to the mean of the W workers' (paper Algorithm 1, phase 3).
 
-    One flattened all-reduce instead of one per tensor: a constant number of collectives whatever
-    the architecture (issue 5). Returns the number of averaged values.
+    `local_sum` is the sum of the workers this process leads (`flat_parameters` of each; zeros on a group's
+    other members, so every worker counts once, each with equal weight, issue 9). One flattened all-reduce
+    instead of one per tensor: a constant number of collectives whatever the architecture (issue 5). With
+    one worker per process this is exactly the old (a + b) / 2. Returns the number of averaged values.
     """
-    params = _float_params(module)
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    all_reduce_sum(flat, accelerator).div_(accelerator.num_processes)
-    _unflatten_into(flat, params)
-    return flat.numel()
+    all_reduce_sum(local_sum, accelerator).div_(workers)
+    _unflatten_into(local_sum, _float_params(module))
+    return local_sum.numel()
 
 
 @torch.no_grad()
-def broadcast_buffers_(module: torch.nn.Module, accelerator: Accelerator) -> None:
-    """Give every rank the main process's floating-point buffers (BN running statistics drift per
-    rank under DDP, measured; a shared model evaluated in shards must use one set)."""
+def broadcast_buffers_(module: torch.nn.Module, accelerator: Accelerator, group=None) -> None:
+    """Give every rank (of `group`, else of all) its first rank's floating-point buffers: BN running statistics
+    drift per rank under DDP (measured), and a shared model evaluated in shards must use one set."""
     bufs = [b for b in module.buffers() if b.dtype.is_floating_point]
     if not bufs or not is_distributed(accelerator):
         return
     flat = torch.cat([b.reshape(-1) for b in bufs])
-    dist.broadcast(flat, src=0)
+    dist.broadcast(flat, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
     _unflatten_into(flat, bufs)
+
+
+def barrier(accelerator: Accelerator, group=None) -> None:
+    if is_distributed(accelerator):
+        dist.barrier(group=group)
 
 
 def gather_values(values: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:

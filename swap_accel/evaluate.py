@@ -3,7 +3,8 @@
 The shared (phase-1 or averaged) model is evaluated in shards with Accelerate's prepared loader and
 `gather_for_metrics`, which drops the padding of the last uneven shard, so exactly len(test set)
 samples count. A phase-2 worker's model exists on one process only, so it is evaluated there over
-the whole test set with no communication (issue 2: "each worker's own model before averaging").
+the whole test set with no communication (issue 2: "each worker's own model before averaging"); a worker
+that is a group of processes (issue 9) splits the test set among its members and sums inside its group.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .data import DataSource
+from .distributed import all_reduce_sum
 
 
 @torch.no_grad()
@@ -33,13 +35,17 @@ def evaluate_shared(module: nn.Module, loader, accelerator: Accelerator) -> tupl
 
 
 @torch.no_grad()
-def evaluate_local(module: nn.Module, source: DataSource, batch_size: int, accelerator: Accelerator) -> float:
-    """Accuracy of this process's own model over the whole test set; no collectives."""
+def evaluate_local(module: nn.Module, source: DataSource, batch_size: int, accelerator: Accelerator,
+                   group=None, member: int = 0, members: int = 1) -> float:
+    """Accuracy of one worker's model over the whole test set: on this process alone (no collectives), or
+    split over the `members` processes of its worker `group`, one sum inside the group."""
     module.eval()
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    order = torch.arange(source.num_samples)
+    order = torch.arange(source.num_samples).tensor_split(members)[member]
     for x, y in source.batches(order, batch_size, augment=False, generator=None):
         with accelerator.autocast():
             correct += (module(x).argmax(1) == y).sum()
     module.train()
+    if group is not None:
+        all_reduce_sum(correct, accelerator, group)
     return correct.item() / source.num_samples

@@ -52,13 +52,18 @@ def draw(results: dict) -> Figure:
     if p2:
         xs, ys = _lr_curve(recipe["phase2"]["lr"], p2["epochs"], p2["epochs"], p2["steps_per_worker"], e1)
         lr_ax.plot(xs, ys, color="0.55", lw=1.2, ls="--")
-        history = [h for h in p2.get("workers_history", []) if h["workers"][0]["test_acc"] is not None]
+        # (epoch, accuracy) of each worker at its logging points; workers trained in turn (issue 9) share epochs.
+        logged: dict[int, list] = {}
+        for h in p2.get("workers_history", []):
+            for w in h["workers"]:
+                if w["test_acc"] is not None:
+                    logged.setdefault(w["worker"], []).append((h["epoch"], w["test_acc"]))
         n = len(results["workers"])
         colours = plt.get_cmap("tab10" if n <= 10 else "viridis")
-        for k in range(n):
-            points = start + [(h["epoch"], h["workers"][k]["test_acc"]) for h in history]
-            if not history or history[-1]["epoch"] != e1 + p2["epochs"]:
-                points.append((e1 + p2["epochs"], results["workers"][k]["test_acc"]))
+        for k, final in enumerate(results["workers"]):
+            points = start + logged.get(final["index"], [])
+            if not points or points[-1][0] != e1 + p2["epochs"]:
+                points.append((e1 + p2["epochs"], final["test_acc"]))
             label = f"worker {k}" if n <= 4 else (f"workers 0-{n - 1}" if k == 0 else None)
             acc_ax.plot(*zip(*points, strict=True), color=colours(k % 10 if n <= 10 else k / max(n - 1, 1)),
                         lw=1, alpha=0.8 if n <= 4 else 0.55, marker=".", ms=3, label=label, gid=f"worker{k}")
@@ -77,7 +82,9 @@ def draw(results: dict) -> Figure:
     lr_ax.set_ylim(bottom=0)
     handles = [h for ax in (acc_ax, lr_ax) for h in ax.get_legend_handles_labels()[0]]
     acc_ax.legend(handles=handles, loc="lower right", fontsize=8, ncol=2 if len(handles) > 5 else 1)
-    fig.suptitle(f"{results.get('name', '')}: SWAP with {results['num_processes']} workers (paper Figure 1)",
+    workers = len(results["workers"]) if p2 else results["num_processes"]
+    fig.suptitle(f"{results.get('name', '')}: SWAP with {workers} workers on {results['num_processes']} processes "
+                 "(paper Figure 1)",
                  fontsize=10)
     return fig
 

@@ -1,10 +1,12 @@
-"""Phase 2: every process refines its own copy, small batch, lower LR, own order (paper section 3).
+"""Phase 2: one worker refines its own copy, small batch, lower LR, own order (paper section 3).
 
-The worker trains the *unwrapped* module with a fresh optimizer: the DDP wrapper is bypassed, so no
-gradient all-reduce happens and no BN buffers are broadcast (inside `no_sync` DDP's forward still
-broadcasts buffers from rank 0, measured; `no_sync` alone is not enough). Each worker draws its
-own permutation of the whole training set every epoch. No collective of any kind is called; the
-collective counter in `distributed` proves it for every run.
+A worker is one process, or a group of processes (issue 9). A one-process worker trains the *unwrapped*
+module with a fresh optimizer: the phase-1 DDP wrapper is bypassed, so no gradient all-reduce happens
+and no BN buffers are broadcast (inside `no_sync` DDP's forward still broadcasts buffers from rank 0,
+measured; `no_sync` alone is not enough). A group trains data-parallel on its own process group: its
+gradients are all-reduced inside the group only. Each worker draws its own permutation of the whole
+training set every epoch (a group shards it among its members). Nothing crosses between workers; the
+collective counter in `distributed` proves it for every run (`phase2` = 0, `phase2_in_group` apart).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from accelerate import Accelerator
 
 from .checkpoints import load_state, load_weights_into
 from .data import DataSource
+from .distributed import all_reduce_sum, broadcast_buffers_
 from .phase1 import TrainingDiverged, log_off_clock, require_finite
 from .recipe import OptimizerConfig, Phase2Config
 from .resume import Checkpointer, restore_loop
-from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, worker_order
+from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, worker_order, worker_shard
 from .schedules import make_schedule
 
 
@@ -44,7 +47,13 @@ def make_sgd(module: torch.nn.Module, opt_cfg: OptimizerConfig, lr: float) -> to
                            nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0, weight_decay=opt_cfg.weight_decay)
 
 
+def _member_seed(seed: int, purpose: int, *keys: int, member: int) -> int:
+    # A group's member 0 uses the one-process worker's stream, so W = P runs stay bitwise what they were.
+    return derive_seed(seed, purpose, *keys) if member == 0 else derive_seed(seed, purpose, *keys, member)
+
+
 def train_phase2(
+    model: torch.nn.Module,
     module: torch.nn.Module,
     source: DataSource,
     cfg: Phase2Config,
@@ -56,37 +65,47 @@ def train_phase2(
     log,
     ckpt: Checkpointer,
     resume: Path | None = None,
+    group=None,
+    member: int = 0,
+    members: int = 1,
 ) -> Phase2Result:
+    """Train worker `worker` from the weights in `module`. `model` is `module` itself, or its data-parallel
+    wrapper on the worker's `group` of `members` processes, of which this one is `member`."""
     optimizer = make_sgd(module, opt_cfg, cfg.lr.peak)
-    steps_per_epoch = math.ceil(source.num_samples / cfg.per_worker_batch_size)
+    order_of = lambda epoch: worker_order(source.num_samples, seed=seed, worker=worker, epoch=epoch)  # noqa: E731
+    _, step_sizes = worker_shard(order_of(0), batch_size=cfg.per_worker_batch_size, member=member, members=members)
+    steps_per_epoch = len(step_sizes)
     lr_at = make_schedule(cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
-    augment_gen = torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, AUGMENT, 2, worker))
-    torch.manual_seed(derive_seed(seed, WORKER_RNG, worker))
+    augment_gen = torch.Generator(device=accelerator.device).manual_seed(
+        _member_seed(seed, AUGMENT, 2, worker, member=member))
+    torch.manual_seed(_member_seed(seed, WORKER_RNG, worker, member=member))
     result = Phase2Result()
     first_epoch, resumed_done, resumed_totals = 0, 0, None
     if resume is not None:  # issue 4: continue exactly where this worker's checkpoint stopped
         load_weights_into(module, resume)
-        state = load_state(resume / "state.pt")
-        optimizer.load_state_dict(state["optimizer"])
-        first_epoch, resumed_done, resumed_totals = restore_loop(resume, state, result, augment_gen, accelerator.device)
-    ckpt.begin(result.steps, by_clock=True)
-    module.train()
+        optimizer.load_state_dict(load_state(resume / "optimizer.pt"))
+        first_epoch, resumed_done, resumed_totals = restore_loop(
+            resume, load_state(resume / f"member{member}.pt"), result, augment_gen, accelerator.device)
+    # A one-process worker checkpoints by its own clock; a group's members must pick the same step (phase 1's way).
+    ckpt.begin(result.steps, by_clock=members == 1)
+    model.train()
     start = time.perf_counter() - result.seconds
     for epoch in range(first_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         done = resumed_done if epoch == first_epoch else 0
-        order = worker_order(source.num_samples, seed=seed, worker=worker, epoch=epoch)
-        totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+        order = order_of(epoch)
+        shard, sizes = worker_shard(order, batch_size=cfg.per_worker_batch_size, member=member, members=members)
+        # [3] is this member's epoch time, for the group's checkpoint calibration.
+        totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
         if epoch == first_epoch and resumed_totals is not None:
             totals = resumed_totals
-        batches = source.batches(order[done * cfg.per_worker_batch_size :], cfg.per_worker_batch_size, augment=True,
-                                 generator=augment_gen)
+        batches = source.batches(shard[sum(sizes[:done]):], sizes[done:], augment=True, generator=augment_gen)
         for x, y in log.steps(batches, phase=2, epoch=epoch, epochs=cfg.epochs, total=steps_per_epoch):
             lr = lr_at(result.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
             with accelerator.autocast():
-                logits = module(x)
+                logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=opt_cfg.label_smoothing)
             loss.backward()
             optimizer.step()
@@ -100,8 +119,12 @@ def train_phase2(
                 require_finite(module, f"worker {worker}: phase 2 step {result.steps}", ckpt, totals)
                 ckpt.save_phase2(module, optimizer, result, worker=worker, epoch=epoch,
                                  step_in_epoch=result.steps - epoch * steps_per_epoch, totals=totals,
-                                 generator=augment_gen)
-        loss_sum, correct, count = totals.tolist()
+                                 generator=augment_gen, group=group, member=member, members=members)
+        totals[3] = time.perf_counter() - epoch_start
+        if group is not None:  # the worker's epoch numbers, over all its members' shards
+            all_reduce_sum(totals, accelerator, group)
+            ckpt.calibrate(totals[3].item() / members / max(1, steps_per_epoch - done))
+        loss_sum, correct, count, _ = totals.tolist()
         result.epochs = epoch + 1
         result.train_loss, result.train_acc = loss_sum / count, correct / count
         result.samples_per_epoch.append(int(count))
@@ -111,6 +134,11 @@ def train_phase2(
                                    f"stopped there, the last good checkpoint is kept "
                                    f"({ckpt.last_good or 'none was written yet'}); lower phase2.lr.peak and rerun "
                                    "with --overwrite")
+        if group is not None:
+            # Members' BN running statistics saw different shards; from here on (evaluation, the saved worker)
+            # the worker's statistics are its leader's. Training-mode forwards never read them, so a resume,
+            # which restores the leader's, trains bit for bit as the uninterrupted run.
+            broadcast_buffers_(module, accelerator, group)
         seconds = time.perf_counter() - epoch_start
         lr = lr_at(result.steps - 1)
         row = {"phase": 2, "worker": worker, "epoch": result.epochs, "step": result.steps, "lr": lr,
@@ -120,4 +148,3 @@ def train_phase2(
         start += log_off_clock(log, row)
     result.seconds = time.perf_counter() - start
     return result
-

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from .topology import WorkerLayout, layout_error
+
 
 class RecipeError(ValueError):
     """A recipe problem, already phrased as one line for the user."""
@@ -106,8 +108,12 @@ class Phase1Config(Strict):
 
 
 class Phase2Config(Strict):
-    """Independent small-batch refinement, one worker per process, no communication."""
+    """Independent small-batch refinement of W workers, no communication between workers (issue 9)."""
 
+    # W; None: one worker per process. A divisor of P makes groups of P/W processes per worker (the
+    # paper's ImageNet run, 2 x 8 GPUs); a multiple of P trains W/P workers in turn on each process.
+    workers: int | None = None
+    # One worker's batch per step: split over its processes when a worker is a group.
     per_worker_batch_size: int = Field(gt=0)
     epochs: int = Field(gt=0)
     lr: LRConfig
@@ -210,6 +216,24 @@ class Recipe(Strict):
                 f"phase1.micro_batch_size={micro} does not divide the per-process batch {per_process} "
                 f"(global {b1} / {num_processes} processes); pick a divisor of {per_process}"
             )
+        if self.mode == "swap":
+            self.worker_layout(num_processes)
+
+    def worker_layout(self, num_processes: int) -> WorkerLayout:
+        """Phase 2's layout for this process count; a RecipeError naming valid values when it cannot be made."""
+        workers = self.phase2.workers or num_processes
+        problem = layout_error(workers, num_processes)
+        if problem:
+            raise RecipeError(problem)
+        layout = WorkerLayout(workers, num_processes)
+        g, b2 = layout.processes_per_worker, self.phase2.per_worker_batch_size
+        if b2 % g:
+            raise RecipeError(f"phase2.per_worker_batch_size={b2} is not divisible by the {g} processes of a worker "
+                              f"({num_processes} processes / {workers} workers); use a multiple of {g}")
+        if isinstance(self.tracking.averaged_curve, int) and layout.workers_per_process > 1:
+            raise RecipeError(f"tracking.averaged_curve={self.tracking.averaged_curve} needs every worker at once, but "
+                              f"{workers} workers on {num_processes} processes train in turn; use averaged_curve: end")
+        return layout
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -5,7 +5,8 @@ Layout under RUN_DIR/checkpoints/ (periodic names sort by step):
                        every rank after the gradient all-reduce, so rank 0's), rank<r>.pt (each rank's
                        augmentation generator, global RNG and partial epoch sums)
   p1-end/              phase 1 finished: the weights phase 2 starts from (`--from-phase1` reads these)
-  p2-w<k>-step.../     worker k in phase 2, written by that worker alone: weights and state.pt
+  p2-w<k>-step.../     worker k in phase 2 (issue 9: k is the worker, not the rank): model.safetensors and
+                       optimizer.pt from its group's leader, member<j>.pt from each of its processes
   p2-w<k>-end/         worker k finished phase 2: its weights, test accuracy and phase summaries
 Re-running the same command resumes each part from its newest good checkpoint. Sample orders are pure
 functions of (seed, rank/worker, epoch) (sampling.py) and every other source of randomness is saved, so a
@@ -33,6 +34,7 @@ from .checkpoints import (
     verify_checkpoint,
     write_state,
 )
+from .distributed import barrier
 from .recipe import Recipe
 
 ROOT = "checkpoints"
@@ -83,36 +85,63 @@ def check_model(manifest: dict, path: Path, recipe: Recipe | None) -> None:
                               f"{wanted}); use a checkpoint of this model or fix model.name/model.kwargs")
 
 
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass
 class Start:
-    """Where this rank starts: verified checkpoint directories, None for "from scratch"."""
+    """Where phase 1 starts: verified checkpoint directories, None for "from scratch"."""
 
     phase1_end: Path | None = None  # phase 1 is done (this run's, or the --from-phase1 source)
     phase1_step: Path | None = None  # else resume phase 1 here
-    worker_end: Path | None = None  # this worker finished phase 2
-    worker_step: Path | None = None  # else resume phase 2 here
+    workers: dict[int, WorkerStart] = dataclasses.field(default_factory=dict)  # this process's, as found
+
+    def describe(self) -> dict:
+        return {"phase1_end": self.phase1_end and str(self.phase1_end),
+                "phase1_step": self.phase1_step and str(self.phase1_step),
+                "workers": {str(k): w.describe() for k, w in self.workers.items()}}
+
+
+@dataclasses.dataclass
+class WorkerStart:
+    """Where one phase-2 worker starts (issue 9: per worker, not per rank)."""
+
+    end: Path | None = None  # this worker finished phase 2
+    step: Path | None = None  # else resume its phase 2 here
 
     def describe(self) -> dict[str, str | None]:
         return {k: v and str(v) for k, v in dataclasses.asdict(self).items()}
 
+    def position(self, epochs: int) -> tuple[int, list[dict]]:
+        """(epoch at which this worker (re)starts phase 2, its logged epoch rows so far)."""
+        path = self.end or self.step
+        if path is None:
+            return 0, []
+        manifest = json.loads((path / "manifest.json").read_text())
+        return (epochs if self.end else manifest["epoch"]), manifest["result"]["history"]
 
-def find_start(run_dir: Path, recipe: Recipe, worker: int, is_main: bool) -> Start:
-    """The phase-1 fields come from shared files, so every rank picks the same (collectives stay matched);
-    the worker fields are this worker's own."""
+
+def find_start(run_dir: Path, recipe: Recipe, is_main: bool) -> Start:
+    """The phase-1 fields come from shared files, so every rank picks the same (collectives stay matched)."""
     root = run_dir / ROOT
-
-    def warn(shared: bool):
-        return lambda msg: (is_main or not shared) and print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-    start = Start(phase1_end=newest_good([root / "p1-end"] if (root / "p1-end").exists() else [], warn(True)))
+    warn = _warn if is_main else (lambda msg: None)
+    start = Start(phase1_end=newest_good([root / "p1-end"] if (root / "p1-end").exists() else [], warn))
     if start.phase1_end is None and recipe.from_phase1 is not None:
         start.phase1_end = phase1_source(recipe.from_phase1, recipe)
     if start.phase1_end is None:
-        start.phase1_step = newest_good(step_dirs(root, "p1-step"), warn(True))
+        start.phase1_step = newest_good(step_dirs(root, "p1-step"), warn)
+    return start
+
+
+def find_worker_start(run_dir: Path, worker: int, leader: bool) -> WorkerStart:
+    """The newest good checkpoint of `worker`. A group's members read the same committed files (the leader
+    commits only after every member's state is on disk), so they all resume at the same step."""
+    root, warn = run_dir / ROOT, _warn if leader else (lambda msg: None)
     own_end = root / f"p2-w{worker}-end"
-    start.worker_end = newest_good([own_end] if own_end.exists() else [], warn(False))
-    if start.worker_end is None:
-        start.worker_step = newest_good(step_dirs(root, f"p2-w{worker}-step"), warn(False))
+    start = WorkerStart(end=newest_good([own_end] if own_end.exists() else [], warn))
+    if start.end is None:
+        start.step = newest_good(step_dirs(root, f"p2-w{worker}-step"), warn)
     return start
 
 
@@ -120,15 +149,6 @@ def load_result(path: Path, module, result_type):
     """Weights and phase summary of an end-of-phase checkpoint: the phase is not run again."""
     load_weights_into(module, path)
     return result_type(**json.loads((path / "manifest.json").read_text())["result"])
-
-
-def phase2_position(start: Start, epochs: int) -> tuple[int, list[dict]]:
-    """(epoch at which this worker (re)starts phase 2, its logged epoch rows so far)."""
-    path = start.worker_end or start.worker_step
-    if path is None:
-        return 0, []
-    manifest = json.loads((path / "manifest.json").read_text())
-    return (epochs if start.worker_end else manifest["epoch"]), manifest["result"]["history"]
 
 
 def loop_state(totals: torch.Tensor, generator: torch.Generator) -> dict:
@@ -223,15 +243,24 @@ class Checkpointer:
         self._mark(result.steps)
 
     def save_phase2(self, module, optimizer, result, *, worker: int, epoch: int, step_in_epoch: int, totals,
-                    generator) -> None:
+                    generator, group=None, member: int = 0, members: int = 1) -> None:
+        """One worker's checkpoint, as phase 1's but inside its group: the weights and optimizer (identical on
+        every member after the in-group all-reduce) from the leader, each member's loop state from itself."""
         name = f"p2-w{worker}-step{result.steps:08d}"
         staging = self._staging(name)
-        save_weights(staging / "model.safetensors", module)
-        write_state(staging / "state.pt", {**loop_state(totals, generator), "optimizer": optimizer.state_dict()})
-        self.last_good = self._commit(staging, name, ["model.safetensors", "state.pt"], "phase2", result.steps,
-                                      {"worker": worker, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                                       "result": dataclasses.asdict(result)})
-        self._prune(f"p2-w{worker}-step")
+        write_state(staging / f"member{member}.pt", loop_state(totals, generator))
+        if member == 0:
+            save_weights(staging / "model.safetensors", module)
+            write_state(staging / "optimizer.pt", optimizer.state_dict())
+        if members > 1:
+            barrier(self.accelerator, group)
+        if member == 0:
+            files = ["model.safetensors", "optimizer.pt"] + [f"member{j}.pt" for j in range(members)]
+            self._commit(staging, name, files, "phase2", result.steps,
+                         {"worker": worker, "members": members, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                          "result": dataclasses.asdict(result)})
+            self._prune(f"p2-w{worker}-step")
+        self.last_good = self.root / name
         self._mark(result.steps)
 
     def save_end(self, module, name: str, kind: str, step: int, info: dict) -> Path:

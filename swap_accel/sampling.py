@@ -49,6 +49,27 @@ def worker_order(n: int, *, seed: int, worker: int, epoch: int) -> torch.Tensor:
     return _permutation(n, derive_seed(seed, PHASE2, worker, epoch))
 
 
+def worker_shard(order: torch.Tensor, *, batch_size: int, member: int, members: int) -> tuple[torch.Tensor, list[int]]:
+    """A group member's part of its worker's epoch order (issue 9): (indices in step order, samples per step).
+
+    Step s takes the s-th block of `batch_size` samples of the worker's order and member j the j-th of
+    `members` near-equal slices of it, so the group visits every sample once per epoch. The last block is
+    partial; a tail too small to give every member a sample joins the block before it (no member may skip
+    a step: the group's gradient all-reduce needs all of them). With one member this is plain batching.
+    """
+    n = order.numel()
+    if n < members:
+        raise ValueError(f"{n} samples cannot be shared by {members} processes of one worker")
+    full, tail = divmod(n, batch_size)
+    blocks = [batch_size] * full
+    if tail and (tail >= members or not blocks):
+        blocks.append(tail)
+    elif tail:
+        blocks[-1] += tail
+    parts = [block.tensor_split(members)[member] for block in order.split(blocks)]
+    return torch.cat(parts), [p.numel() for p in parts]
+
+
 def bn_order(n: int, *, seed: int, samples: int | None) -> torch.Tensor:
     """The samples (in batch order) used to recompute BatchNorm statistics after averaging."""
     return _permutation(n, derive_seed(seed, BN))[: samples or n]

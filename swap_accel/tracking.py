@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 
 from .recipe import Recipe, RecipeError, TrackingConfig
+from .report import COLUMNS
 
 # Accelerate's tracker names; TensorBoard's writer may come from torch.utils.tensorboard or tensorboardX.
 _MODULES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
@@ -116,7 +117,7 @@ def finish(accelerator: Accelerator, recipe: Recipe, results: dict, rows: list[t
     if backend == "none" or not accelerator.is_main_process:
         return
     step = results["critical_path_steps"]
-    columns = ["method", "test acc (%)", "train time (s)", "critical-path steps"]
+    columns = list(COLUMNS)
     summary = {"test_acc": results["test_acc"], "phase1/seconds": results["phase1"]["seconds"],
                "phase1/test_acc": results["phase1"]["test_acc"], "total_seconds": results["total_seconds"]}
     if results["phase2"]:

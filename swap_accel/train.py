@@ -1,8 +1,9 @@
 """`train(recipe, run_dir)`: SWAP as the paper's Algorithm 1, three phases called in order.
 
 Phase 1 trains one data-parallel model with a large batch until the training accuracy reaches τ;
-phase 2 lets every process refine its own copy with no communication; phase 3 averages the
-workers' weights, recomputes BatchNorm statistics and evaluates. `mode: sgd` stops after phase 1
+phase 2 lets W workers refine their own copies with no communication between them (a worker is a
+process, a group of processes, or one of several trained in turn on a process: issue 9); phase 3
+averages the workers' weights, recomputes BatchNorm statistics and evaluates. `mode: sgd` stops after phase 1
 with the full epoch budget: the paper's small- and large-batch baselines through the same code.
 """
 
@@ -21,30 +22,31 @@ from .checkpoints import save_weights, sha256_file, write_json, write_text
 from .data import load_data
 from .distributed import (
     CollectiveCounter,
-    average_parameters_,
+    average_workers_,
     broadcast_buffers_,
+    flat_parameters,
     gather_values,
     make_accelerator,
+    make_worker_group,
     peers_optional,
     peers_required,
 )
-from .evaluate import evaluate_local, evaluate_shared
+from .evaluate import evaluate_shared
 from .models import build_model
 from .monitor import Monitor
 from .phase1 import Phase1Result, train_phase1
-from .phase2 import Phase2Result, make_sgd, train_phase2
+from .phase2 import make_sgd
 from .progress import Progress
 from .recipe import Recipe, dump_recipe
 from .report import averaging_summary, print_table, run_header, table_rows
-from .resume import Checkpointer, discard_checkpoints, find_start, finished_workers, load_result, phase2_position
+from .resume import Checkpointer, discard_checkpoints, find_start, finished_workers, load_result
 from .sampling import digest
+from .workers import gathered_rows, run_workers
 
-# phase2_logging and averaged_curve are issue 3's monitoring, counted apart so phase 2 itself stays at zero.
-PHASES = ("setup", "phase1", "phase2", "phase2_logging", "averaged_curve", "phase3", "evaluation", "report")
-
-
-def _params_digest(module: torch.nn.Module) -> str:
-    return digest(torch.cat([p.detach().reshape(-1).cpu() for p in module.parameters()]))
+# phase2_logging and averaged_curve are issue 3's monitoring, counted apart so phase 2 itself stays at zero;
+# phase2_in_group counts a worker group's own data-parallel collectives (issue 9), never crossing workers.
+PHASES = ("setup", "phase1", "phase2", "phase2_in_group", "phase2_logging", "averaged_curve", "phase3", "evaluation",
+          "report")
 
 
 def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
@@ -55,6 +57,9 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                                    project_dir=str(run_dir / "tensorboard"))
     counter = CollectiveCounter().install()
     rank, world = accelerator.process_index, accelerator.num_processes
+    layout = recipe.worker_layout(world) if recipe.mode == "swap" else None
+    # Worker groups exist before phase 1, made once and identically on every rank (issue 9).
+    group = make_worker_group(layout, rank, counter) if layout else None
     set_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -77,16 +82,18 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
     module = accelerator.unwrap_model(model)
     tracking.start(accelerator, recipe, run_dir)
-    log = Monitor(accelerator, recipe, counter, module, train_data, test_data, test_loader, Progress(accelerator))
+    log = Monitor(accelerator, recipe, counter, module, train_data, test_data, test_loader, Progress(accelerator),
+                  layout, group)
     accelerator.print(
         f"swap_accel {__version__}: {recipe.mode} | {recipe.model.name} on {train_data.num_samples} train / "
         f"{test_data.num_samples} test samples | {world} process(es) on {accelerator.device} "
-        f"({accelerator.distributed_type.value}, {torch.get_num_threads()} threads each) | run dir {run_dir}",
+        f"({accelerator.distributed_type.value}, {torch.get_num_threads()} threads each)"
+        f"{f' | phase 2: {layout.describe()}' if layout else ''} | run dir {run_dir}",
         flush=True,
     )
     # Issue 4: re-running the same command continues from the newest good checkpoint of each part.
     ckpt = Checkpointer(run_dir, recipe, accelerator)
-    start = find_start(run_dir, recipe, rank, accelerator.is_main_process)
+    start = find_start(run_dir, recipe, accelerator.is_main_process)
 
     # Phase 1: synchronized large-batch training to τ.
     with counter.phase("phase1"):
@@ -102,7 +109,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         if accelerator.is_main_process and start.phase1_end != ckpt.root / "p1-end":
             ckpt.save_end(module, "p1-end", "phase1-end", p1.steps,
                           {"result": dataclasses.asdict(p1), "source": str(start.phase1_end or run_dir)})
-    rank_record = {"rank": rank, "phase1": {"steps": p1.steps, "epochs": p1.epochs, "params": _params_digest(module)}}
+    rank_record = {"rank": rank, "phase1": {"steps": p1.steps, "epochs": p1.epochs,
+                                            "params": digest(flat_parameters(module))}}
     eval_start = time.perf_counter()
     # The last logging point may already have evaluated this very model (same weights, rank 0's BN buffers).
     p1_test_acc = p1.history[-1].get("test_acc") if p1.history else None
@@ -125,43 +133,24 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     }
 
     if recipe.mode == "swap":
-        # Phase 2: independent small-batch refinement, one worker per process, no communication.
-        # Issue 3 logs phase 2 with one gather per epoch end. A resumed worker first replays the rows it logged
-        # before (with the accuracies measured then): every worker then makes exactly one gather per epoch, in
-        # order, whichever epoch it resumes at, and the resumed run's curves cover the whole of phase 2.
-        own_epoch, rows = phase2_position(start, recipe.phase2.epochs)
-        with counter.phase("phase2"), peers_optional(f"worker {rank}"):
-            for row in rows[:own_epoch]:
-                log(dict(row))
-            if start.worker_end is None:
-                p2 = train_phase2(module, train_data, recipe.phase2, recipe.optimizer, accelerator,
-                                  seed=recipe.seed, worker=rank, log=log, ckpt=ckpt, resume=start.worker_step)
-            else:  # this worker finished before the run stopped
-                p2 = load_result(start.worker_end, module, Phase2Result)
-        rank_record["phase2"] = {"steps": p2.steps, "params": _params_digest(module),
-                                 "samples_per_epoch": p2.samples_per_epoch, "order_digests": p2.order_digests}
-        eval_start = time.perf_counter()
-        worker_acc = p2.history[-1].get("test_acc")  # evaluated at the last logging point, if it was due
-        if worker_acc is None:
-            with counter.phase("evaluation"):
-                worker_acc = evaluate_local(module, test_data, recipe.eval.batch_size, accelerator)
-        eval_seconds += time.perf_counter() - eval_start
-        (run_dir / "workers").mkdir(exist_ok=True)
-        save_weights(run_dir / "workers" / f"worker{rank}.safetensors", module,
-                     {"worker": str(rank), "phase2_steps": str(p2.steps), "test_acc": str(worker_acc)})
-        if start.worker_end is None:  # what `swap_accel average` needs to use this worker without the others
-            ckpt.save_end(module, f"p2-w{rank}-end", "phase2-end", p2.steps,
-                          {"worker": rank, "test_acc": worker_acc, "result": dataclasses.asdict(p2),
-                           "phase1": results["phase1"], "phase1_params": rank_record["phase1"]["params"]})
+        # Phase 2: W workers refine their own copies; nothing crosses between workers.
+        with counter.phase("phase2"), peers_optional(f"rank {rank}"):
+            p2 = run_workers(module, recipe, layout, group, accelerator=accelerator, train_data=train_data,
+                             test_data=test_data, log=log, ckpt=ckpt, counter=counter, run_dir=run_dir,
+                             phase1=results["phase1"], phase1_params=rank_record["phase1"]["params"],
+                             started=start.workers)
+        rank_record["phase2"] = [{"worker": r.worker, "member": r.member, "steps": r.result.steps, "params": r.params,
+                                  "samples_per_epoch": r.result.samples_per_epoch,
+                                  "order_digests": r.result.order_digests} for r in p2.records]
 
         # Phase 3: average the workers' weights, recompute BN statistics, evaluate.
         p3_start = time.perf_counter()
         lost = lambda: (  # noqa: E731  (only evaluated if a peer is gone)
-            f"phase 3 averages every worker but one is gone; workers {finished_workers(run_dir)} of {world} finished "
-            f"phase 2 ({run_dir}/checkpoints/p2-w*-end); rerun the same command to resume the others, or average "
-            f"the finished ones: swap_accel average {run_dir} --recipe RECIPE --out DIR")
+            f"phase 3 averages every worker but one is gone; workers {finished_workers(run_dir)} of {layout.workers} "
+            f"finished phase 2 ({run_dir}/checkpoints/p2-w*-end); rerun the same command to resume the others, or "
+            f"average the finished ones: swap_accel average {run_dir} --recipe RECIPE --out DIR")
         with counter.phase("phase3"), peers_required(lost):
-            averaged = average_parameters_(module, accelerator)
+            averaged = average_workers_(module, p2.local_sum, layout.workers, accelerator)
             bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
                                  batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
         p3_seconds = time.perf_counter() - p3_start
@@ -171,18 +160,25 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         eval_seconds += time.perf_counter() - eval_start
         log.final_point(final_acc)
         with counter.phase("report"):
-            per_worker = gather_values(torch.tensor([worker_acc, p2.train_acc], device=accelerator.device), accelerator)
-        accs = per_worker[:, 0].tolist()
+            workers = gathered_rows(p2.records, accelerator)
+            p2_wall = gather_values(torch.tensor([p2.seconds], device=accelerator.device), accelerator).max().item()
+        first = p2.records[0].result
+        slowest = max(w["seconds"] for w in workers)
         results.update({
-            "phase2": {"epochs": p2.epochs, "steps_per_worker": p2.steps, "seconds": p2.seconds,
-                       "monitoring_seconds": log.seconds["phase2"],
-                       "per_worker_batch_size": recipe.phase2.per_worker_batch_size, "history": p2.history,
+            "phase2": {"epochs": first.epochs, "steps_per_worker": first.steps, "seconds": p2_wall,
+                       "slowest_worker_seconds": slowest, "monitoring_seconds": log.seconds["phase2"],
+                       "workers": layout.workers, "processes_per_worker": layout.processes_per_worker,
+                       "workers_per_process": layout.workers_per_process,
+                       "per_worker_batch_size": recipe.phase2.per_worker_batch_size, "history": first.history,
                        "workers_history": log.worker_history},
             "averaged_curve": log.curve_summary(),
             "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "bn": bn},
-            "workers": [{"index": i, "test_acc": a, "train_acc": t} for i, (a, t) in enumerate(per_worker.tolist())],
-            **averaging_summary(accs, final_acc, counted),
-            "critical_path_steps": p1.steps + p2.steps,
+            "workers": workers,
+            **averaging_summary([w["test_acc"] for w in workers], final_acc, counted),
+            # What W devices would take (every worker at once), next to what this launch measured (issue 9).
+            "training_seconds": {"measured": p1.seconds + p2_wall + p3_seconds,
+                                 "parallel_equivalent": p1.seconds + slowest + p3_seconds},
+            "critical_path_steps": p1.steps + first.steps,
         })
 
     # Collective counts of every rank (counted, not assumed); this gather itself is in "report".

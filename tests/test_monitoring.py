@@ -142,9 +142,10 @@ def test_figure_png_and_worker_series(tracked):
     assert len([line for line in lines if (line.get_gid() or "").startswith("worker")]) == 2
     assert len([line for line in lines if line.get_gid() == "averaged"]) == 1
     # Eight workers: eight series, one legend entry for all of them.
-    eight = {**r, "num_processes": 8, "workers": [r["workers"][k % 2] for k in range(8)],
-             "phase2": {**r["phase2"], "workers_history": [{**h, "workers": [h["workers"][k % 2] for k in range(8)]}
-                                                           for h in r["phase2"]["workers_history"]]}}
+    eight = {**r, "num_processes": 8, "workers": [{**r["workers"][k % 2], "index": k} for k in range(8)],
+             "phase2": {**r["phase2"], "workers_history": [
+                 {**h, "workers": [{**h["workers"][k % 2], "worker": k} for k in range(8)]}
+                 for h in r["phase2"]["workers_history"]]}}
     fig = figure.draw(eight)
     lines = [line for ax in fig.axes for line in ax.get_lines()]
     assert len([line for line in lines if (line.get_gid() or "").startswith("worker")]) == 8

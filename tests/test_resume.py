@@ -172,7 +172,7 @@ def test_two_machines_on_loopback_survive_a_dead_worker(reference, tmp_path, dat
     r = json.loads((out / "results.json").read_text())
     assert r["num_processes"] == 2 and [w["index"] for w in r["workers"]] == [0, 1]
     assert r["critical_path_steps"] == r["phase1"]["steps"] + r["phase2"]["steps_per_worker"]
-    assert r["collectives"]["phase2"]["calls"] == 0 and r["resumed_from"]["worker_end"]
+    assert r["collectives"]["phase2"]["calls"] == 0 and r["resumed_from"]["workers"]["0"]["end"]
     assert _tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []
 
 

@@ -79,7 +79,7 @@ def test_phase1_stop_is_collective(run):
 
 
 def test_workers_diverge_in_phase2(run):
-    digests = [rank["phase2"]["params"] for rank in run["ranks"]]
+    digests = [rank["phase2"][0]["params"] for rank in run["ranks"]]
     assert len(set(digests)) == len(digests)
 
 
@@ -106,10 +106,11 @@ def test_phase1_syncs_once_per_step_and_once_per_epoch(run):
 def test_each_worker_visits_every_sample_once_per_epoch_in_its_own_order(run):
     n = run["recipe"].data.train_subset
     for worker, rank in enumerate(run["ranks"]):
-        assert rank["phase2"]["samples_per_epoch"] == [n] * run["recipe"].phase2.epochs
+        (record,) = rank["phase2"]  # W = P: worker k is rank k
+        assert record["worker"] == worker and record["samples_per_epoch"] == [n] * run["recipe"].phase2.epochs
         expected = [digest(worker_order(n, seed=0, worker=worker, epoch=e)) for e in range(run["recipe"].phase2.epochs)]
-        assert rank["phase2"]["order_digests"] == expected
-    first_epoch = [rank["phase2"]["order_digests"][0] for rank in run["ranks"]]
+        assert record["order_digests"] == expected
+    first_epoch = [rank["phase2"][0]["order_digests"][0] for rank in run["ranks"]]
     assert len(set(first_epoch)) == len(first_epoch)
 
 

@@ -1,0 +1,111 @@
+"""Phase 2 for all the workers of this process (issue 9), and what phase 3 needs of them.
+
+A process trains one worker (alone, or as a member of the worker's group) or several in turn (W > P).
+Each worker starts from the same phase-1 weights, with its own order, seeds, optimizer and checkpoints
+(`p2-w<k>-*`), and resumes on its own. What phase 3 averages is the running sum of the finished workers
+this process leads (a group's other members contribute zeros: every worker counts once, equally); one
+flat vector, so W/P workers per process cost one extra model copy, not W/P.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoints import save_weights
+from .distributed import CollectiveCounter, data_parallel, flat_parameters, gather_values
+from .evaluate import evaluate_local
+from .phase2 import Phase2Result, train_phase2
+from .recipe import Recipe
+from .resume import Checkpointer, find_worker_start, load_result
+from .sampling import digest
+from .topology import WorkerLayout
+
+
+@dataclass
+class WorkerRecord:
+    """One worker as this process saw it: its numbers for results.json and its digests for ranks/rank<r>.json."""
+
+    worker: int
+    member: int
+    test_acc: float
+    result: Phase2Result
+    params: str
+
+
+@dataclass
+class Phase2Outcome:
+    records: list[WorkerRecord] = field(default_factory=list)
+    local_sum: torch.Tensor | None = None  # sum of the flat weights of the workers this process leads
+
+    @property
+    def seconds(self) -> float:
+        """This process's phase-2 training time: its workers' times added (they ran one after the other)."""
+        return sum(r.result.seconds for r in self.records)
+
+
+def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, group, *, accelerator, train_data,
+                test_data, log, ckpt: Checkpointer, counter: CollectiveCounter, run_dir: Path, phase1: dict,
+                phase1_params: str, started: dict) -> Phase2Outcome:
+    """Train (or resume, or reload) every worker of this process; `module` holds the phase-1 weights on entry.
+    `started` collects each worker's resume point for results.json."""
+    rank = accelerator.process_index
+    member, members = layout.member_of(rank), layout.processes_per_worker
+    mine = layout.workers_of(rank)
+    # Sequential workers all start from phase 1's weights and buffers; one copy, kept on the device.
+    origin = {k: v.detach().clone() for k, v in module.state_dict().items()} if len(mine) > 1 else None
+    model = data_parallel(module, group, accelerator.device)
+    outcome = Phase2Outcome()
+    for worker in mine:
+        if origin is not None:
+            module.load_state_dict(origin)
+        start = find_worker_start(run_dir, worker, leader=member == 0)
+        started[worker] = start
+        # A resumed worker first replays the rows it logged before (with the accuracies measured then), so every
+        # process makes the same number of logging points, in order, and the curves cover the whole phase.
+        own_epoch, rows = start.position(recipe.phase2.epochs)
+        for row in rows[:own_epoch]:
+            log(dict(row))
+        if start.end is None:
+            p2 = train_phase2(model, module, train_data, recipe.phase2, recipe.optimizer, accelerator,
+                              seed=recipe.seed, worker=worker, log=log, ckpt=ckpt, resume=start.step, group=group,
+                              member=member, members=members)
+        else:  # this worker finished before the run stopped
+            p2 = load_result(start.end, module, Phase2Result)
+        test_acc = p2.history[-1].get("test_acc")  # evaluated at the last logging point, if it was due
+        if test_acc is None:
+            with counter.phase("evaluation"):
+                test_acc = evaluate_local(module, test_data, recipe.eval.batch_size, accelerator, group, member,
+                                          members)
+        record = WorkerRecord(worker, member, test_acc, p2, digest(flat_parameters(module)))
+        outcome.records.append(record)
+        log.end_worker(p2.steps)
+        if member != 0:
+            continue
+        (run_dir / "workers").mkdir(exist_ok=True)
+        save_weights(run_dir / "workers" / f"worker{worker}.safetensors", module,
+                     {"worker": str(worker), "phase2_steps": str(p2.steps), "test_acc": str(test_acc)})
+        if start.end is None:  # what `swap_accel average` needs to use this worker without the others
+            ckpt.save_end(module, f"p2-w{worker}-end", "phase2-end", p2.steps,
+                          {"worker": worker, "seed": recipe.seed, "members": members, "test_acc": test_acc,
+                           "result": dataclasses.asdict(p2), "phase1": phase1, "phase1_params": phase1_params})
+        term = flat_parameters(module)
+        outcome.local_sum = term if outcome.local_sum is None else outcome.local_sum.add_(term)
+    if outcome.local_sum is None:
+        outcome.local_sum = torch.zeros_like(flat_parameters(module))
+    return outcome
+
+
+def gathered_rows(records: list[WorkerRecord], accelerator) -> list[dict]:
+    """Every worker's row for results.json, one per worker (a group's members report the same numbers)."""
+    mine = torch.tensor([[r.worker, r.member, r.test_acc, r.result.train_acc, r.result.seconds, r.result.steps]
+                         for r in records], dtype=torch.float64, device=accelerator.device)
+    rows = {}
+    for worker, member, test_acc, train_acc, seconds, steps in gather_values(mine, accelerator).reshape(-1, 6).tolist():
+        if member == 0:
+            rows[int(worker)] = {"index": int(worker), "test_acc": test_acc, "train_acc": train_acc,
+                                 "seconds": seconds, "steps": int(steps)}
+    return [rows[k] for k in sorted(rows)]
