@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -53,3 +58,51 @@ def launch(num_processes: int, recipe: Path, out: Path, *extra: str, timeout: in
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
     return result
+
+
+# ------------------------------------------------------------------ kill and rerun (issue 4, issue 9)
+
+# One thread per process in every compared run: a launcher with one local process would otherwise use two,
+# and a different thread count may change float reductions inside conv kernels.
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def tensors_equal(a: Path, b: Path) -> list[str]:
+    x, y = load_file(a), load_file(b)
+    assert x.keys() == y.keys()
+    return [k for k in x if not torch.equal(x[k], y[k])]
+
+
+def train_command(recipe: Path, out: Path, *launcher: str) -> list[str]:
+    return [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_config.yaml"), *launcher,
+            "-m", "swap_accel", "train", str(recipe), "--out", str(out)]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **ENV})
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline, "kill point not reached"
+        time.sleep(0.02)
+    # The launcher starts its ranks in sessions of their own: SIGKILL the launcher and every rank at once, like
+    # a preempted machine.
+    processes = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in processes:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs([p for p in map(_process, processes) if p], timeout=30)
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def checkpoints(out: Path, pattern: str) -> list[Path]:
+    return sorted((out / "checkpoints").glob(pattern)) if (out / "checkpoints").is_dir() else []

@@ -7,70 +7,32 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from launching import ACCELERATE, ROOT, free_port, launch, needs_fashion, tiny_recipe
+from launching import (
+    ENV,
+    ROOT,
+    checkpoints,
+    free_port,
+    kill_when,
+    launch,
+    needs_fashion,
+    start,
+    tensors_equal,
+    tiny_recipe,
+    train_command,
+)
 from safetensors.torch import load_file
 
 from swap_accel.checkpoints import verify_checkpoint
 
 pytestmark = needs_fashion
-# One thread per process in every compared run: a launcher with one local process would otherwise use two,
-# and a different thread count may change float reductions inside conv kernels.
-ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-EVERY = {"every_steps": 5}
-
-
-def _tensors_equal(a: Path, b: Path) -> list[str]:
-    x, y = load_file(a), load_file(b)
-    assert x.keys() == y.keys()
-    return [k for k in x if not torch.equal(x[k], y[k])]
-
-
-def _command(recipe: Path, out: Path, *launcher: str) -> list[str]:
-    return [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_config.yaml"), *launcher,
-            "-m", "swap_accel", "train", str(recipe), "--out", str(out)]
-
-
-def _start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **ENV})
-
-
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, "the run ended before the kill point"
-        assert time.monotonic() < deadline, "kill point not reached"
-        time.sleep(0.02)
-    # The launcher starts its ranks in sessions of their own: SIGKILL the launcher and every rank at once, like
-    # a preempted machine.
-    processes = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
-    for pid in processes:
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    psutil.wait_procs([p for p in map(_process, processes) if p], timeout=30)
-
-
-def _process(pid: int) -> psutil.Process | None:
-    try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return None
-
-
-def _checkpoints(out: Path, pattern: str) -> list[Path]:
-    return sorted((out / "checkpoints").glob(pattern)) if (out / "checkpoints").is_dir() else []
-
-
 def _all_committed_checkpoints_verify(out: Path) -> None:
-    for path in _checkpoints(out, "p*"):
+    for path in checkpoints(out, "p*"):
         verify_checkpoint(path)  # a kill mid-write leaves only a hidden staging directory
 
 
@@ -85,25 +47,25 @@ def reference(tmp_path_factory, data_cache):
 
 @pytest.mark.parametrize("phase", [1, 2])
 def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, data_cache, phase):
-    recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint=EVERY), tmp_path / "run"
-    cmd = _command(recipe, out, "--num_processes", "2", "--main_process_port", str(free_port()))
+    recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 5}), tmp_path / "run"
+    cmd = train_command(recipe, out, "--num_processes", "2", "--main_process_port", str(free_port()))
     # Phase 1 has 8 steps per epoch: step 10 is mid-epoch, so the partial epoch sums must survive for the τ
     # decision. Phase 2 has 21 steps per epoch: step 25 is mid-way through worker 1's second epoch.
     pattern, step = ("p1-step*", 10) if phase == 1 else ("p2-w1-step*", 25)
-    _kill_when(_start(cmd, tmp_path / "killed.log"),
-               lambda: any(int(p.name.rsplit("step", 1)[1]) >= step for p in _checkpoints(out, pattern)))
+    kill_when(start(cmd, tmp_path / "killed.log"),
+               lambda: any(int(p.name.rsplit("step", 1)[1]) >= step for p in checkpoints(out, pattern)))
     assert not (out / "results.json").exists()
     _all_committed_checkpoints_verify(out)
     if phase == 2:
-        assert _checkpoints(out, "p1-end")  # so the rerun does not repeat phase 1
+        assert checkpoints(out, "p1-end")  # so the rerun does not repeat phase 1
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **ENV}, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     resumed = json.loads((out / "results.json").read_text())["resumed_from"]
     assert resumed["phase1_step" if phase == 1 else "phase1_end"], resumed
-    assert _tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []
+    assert tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []
     for k in range(2):
-        assert _tensors_equal(out / "workers" / f"worker{k}.safetensors",
+        assert tensors_equal(out / "workers" / f"worker{k}.safetensors",
                               reference / "workers" / f"worker{k}.safetensors") == []
     mine, ref = (json.loads((d / "results.json").read_text()) for d in (out, reference))
     assert mine["phase1"]["steps"] == ref["phase1"]["steps"] and mine["test_acc"] == ref["test_acc"]
@@ -139,16 +101,16 @@ def test_average_of_a_whole_run_equals_its_phase3(reference, tmp_path):
 def test_two_machines_on_loopback_survive_a_dead_worker(reference, tmp_path, data_cache):
     """Two launchers, one process each (--num_machines 2), as on two nodes. Machine 1 dies in phase 2; the
     survivor needs nobody in phase 2, finishes it, checkpoints it and stops only at phase 3's average."""
-    recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint=EVERY), tmp_path / "run"
+    recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 5}), tmp_path / "run"
 
     def machines(port: int) -> list[list[str]]:
-        return [_command(recipe, out, "--num_machines", "2", "--machine_rank", str(m), "--num_processes", "2",
+        return [train_command(recipe, out, "--num_machines", "2", "--machine_rank", str(m), "--num_processes", "2",
                          "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)) for m in (0, 1)]
 
     first = machines(free_port())
-    survivor = _start(first[0], tmp_path / "machine0.log")
-    victim = _start(first[1], tmp_path / "machine1.log")
-    _kill_when(victim, lambda: bool(_checkpoints(out, "p2-w1-step*")))
+    survivor = start(first[0], tmp_path / "machine0.log")
+    victim = start(first[1], tmp_path / "machine1.log")
+    kill_when(victim, lambda: bool(checkpoints(out, "p2-w1-step*")))
     assert survivor.wait(timeout=240) != 0
     log = (tmp_path / "machine0.log").read_text()
     assert "phase 2 continues alone" in log
@@ -167,13 +129,13 @@ def test_two_machines_on_loopback_survive_a_dead_worker(reference, tmp_path, dat
     assert report.returncode == 0, report.stderr[-3000:]
 
     # Rerunning both launchers resumes worker 1 from its checkpoint: the full SWAP result, bit for bit.
-    again = [_start(cmd, tmp_path / f"rerun{m}.log") for m, cmd in enumerate(machines(free_port()))]
+    again = [start(cmd, tmp_path / f"rerun{m}.log") for m, cmd in enumerate(machines(free_port()))]
     assert [p.wait(timeout=300) for p in again] == [0, 0], (tmp_path / "rerun0.log").read_text()[-3000:]
     r = json.loads((out / "results.json").read_text())
     assert r["num_processes"] == 2 and [w["index"] for w in r["workers"]] == [0, 1]
     assert r["critical_path_steps"] == r["phase1"]["steps"] + r["phase2"]["steps_per_worker"]
     assert r["collectives"]["phase2"]["calls"] == 0 and r["resumed_from"]["workers"]["0"]["end"]
-    assert _tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []
+    assert tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []
 
 
 def test_from_phase1_reuses_another_runs_phase1(reference, tmp_path, data_cache):
@@ -185,4 +147,4 @@ def test_from_phase1_reuses_another_runs_phase1(reference, tmp_path, data_cache)
     r, ref = (json.loads((d / "results.json").read_text()) for d in (out, reference))
     assert r["collectives"]["phase1"]["calls"] == 0 and r["phase1"]["steps"] == ref["phase1"]["steps"]
     assert r["resumed_from"]["phase1_end"] == str(reference / "checkpoints" / "p1-end")
-    assert _tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []
+    assert tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []

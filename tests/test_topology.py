@@ -1,0 +1,254 @@
+"""Workers are not processes (issue 9), with real processes, real gloo collectives and real Fashion-MNIST:
+worker groups (P = 4, W = 2; P = 2, W = 1), several workers per process in turn (P = 2, W = 4, with a
+SIGKILL in the third worker), and `average` over two --from-phase1 runs with different seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from launching import (
+    ENV,
+    ROOT,
+    checkpoints,
+    free_port,
+    kill_when,
+    launch,
+    needs_fashion,
+    start,
+    tensors_equal,
+    tiny_recipe,
+    train_command,
+)
+from safetensors.torch import load_file
+
+from swap_accel.models import build_model
+from swap_accel.recipe import RecipeError, load_recipe
+from swap_accel.sampling import digest, worker_order, worker_shard
+from swap_accel.topology import WorkerLayout, layout_error
+
+pytestmark = needs_fashion
+N = 2048  # tiny_recipe's training subset
+# 4 processes need a global batch divisible by 4 and a micro-batch dividing the per-process batch.
+GROUPS4 = {"global_batch_size": 256, "micro_batch_size": 32}
+
+
+def _param_names() -> list[str]:
+    module = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8})
+    return [name for name, _ in module.named_parameters()]
+
+
+def _run(tmp: Path, data_cache: Path, processes: int, workers: int, **sections) -> dict:
+    recipe = tiny_recipe(tmp, data_cache, phase2={"workers": workers}, **sections)
+    out = tmp / "run"
+    result = launch(processes, recipe, out, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"recipe": load_recipe(recipe), "recipe_path": recipe, "out": out,
+            "results": json.loads((out / "results.json").read_text()),
+            "ranks": [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in range(processes)]}
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory, data_cache):
+    return _run(tmp_path_factory.mktemp("p4w2"), data_cache, 4, 2, phase1=GROUPS4)
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, data_cache):
+    return _run(tmp_path_factory.mktemp("p2w4"), data_cache, 2, 4, checkpoint={"every_steps": 5})
+
+
+# ------------------------------------------------------------------------------------------- pure layout
+
+
+def test_layouts_map_ranks_to_workers():
+    groups = WorkerLayout(workers=2, processes=4)
+    assert [groups.workers_of(r) for r in range(4)] == [[0], [0], [1], [1]]
+    assert [groups.member_of(r) for r in range(4)] == [0, 1, 0, 1] and groups.group_ranks(1) == [2, 3]
+    turns = WorkerLayout(workers=8, processes=2)
+    assert turns.workers_of(0) == [0, 2, 4, 6] and turns.workers_of(1) == [1, 3, 5, 7]
+    assert turns.processes_per_worker == 1 and turns.workers_per_process == 4
+    assert WorkerLayout(workers=3, processes=3).workers_of(2) == [2]
+
+
+@pytest.mark.parametrize("workers", [0, 3, 5, -2])
+def test_workers_that_do_not_fit_are_one_line_naming_valid_values(workers):
+    message = layout_error(workers, 4)
+    assert f"phase2.workers={workers} does not fit 4 processes" in message
+    assert "(1, 2, 4:" in message and "(8, 12, 16, ...:" in message and "\n" not in message
+
+
+def test_recipe_checks_the_layout_before_any_process_group(tmp_path, data_cache):
+    recipe = load_recipe(tiny_recipe(tmp_path, data_cache), ["phase2.workers=3"])
+    with pytest.raises(RecipeError, match="phase2.workers=3 does not fit 2 processes"):
+        recipe.check_processes(2)
+    recipe = load_recipe(tiny_recipe(tmp_path, data_cache), ["phase2.workers=1", "phase2.per_worker_batch_size=101"])
+    with pytest.raises(RecipeError, match="per_worker_batch_size=101 is not divisible by the 2 processes"):
+        recipe.check_processes(2)
+    recipe = load_recipe(tiny_recipe(tmp_path, data_cache), ["phase2.workers=4", "tracking.averaged_curve=1"])
+    with pytest.raises(RecipeError, match="averaged_curve=1 needs every worker at once"):
+        recipe.check_processes(2)
+    # ... and the launcher's processes all stop with that line, before training.
+    result = launch(2, tiny_recipe(tmp_path, data_cache, phase2={"workers": 3}), tmp_path / "bad")
+    assert result.returncode != 0 and "phase2.workers=3 does not fit 2 processes" in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("members", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [2048, 2001, 203])
+def test_a_groups_shards_cover_the_workers_order_once(members, n):
+    order = torch.randperm(n)
+    shards = [worker_shard(order, batch_size=100, member=j, members=members) for j in range(members)]
+    assert sorted(torch.cat([s for s, _ in shards]).tolist()) == list(range(n))
+    steps = {len(sizes) for _, sizes in shards}
+    assert len(steps) == 1 and all(min(sizes) > 0 for _, sizes in shards)  # every member takes every step
+    if members == 1:
+        assert shards[0][0].equal(order) and shards[0][1] == [len(c) for c in order.split(100)]
+
+
+# --------------------------------------------------------------------------- P = 4, W = 2: worker groups
+
+
+def test_group_members_end_bitwise_equal_and_groups_differ(groups):
+    records = [rank["phase2"] for rank in groups["ranks"]]
+    assert [[(r["worker"], r["member"]) for r in rec] for rec in records] == [[(0, 0)], [(0, 1)], [(1, 0)], [(1, 1)]]
+    params = [rec[0]["params"] for rec in records]
+    assert params[0] == params[1] and params[2] == params[3] and params[0] != params[2]
+    # Members share the phase-1 start, so the groups' difference comes from phase 2 alone.
+    assert len({rank["phase1"]["params"] for rank in groups["ranks"]}) == 1
+
+
+def test_groups_reduce_only_inside_themselves(groups):
+    r = groups["results"]
+    c, steps, epochs = r["collectives"], r["phase2"]["steps_per_worker"], r["phase2"]["epochs"]
+    assert c["phase2"]["calls"] == 0  # nothing between the groups
+    # Inside a group, per step one gradient all-reduce per DDP bucket (the tiny model fits one); per epoch one sum
+    # of the epoch's loss/accuracy and one broadcast of the leader's BN statistics.
+    assert c["phase2_in_group"]["calls"] == steps + 2 * epochs
+    assert r["phase2"]["processes_per_worker"] == 2 and r["phase2"]["workers"] == 2
+
+
+def test_each_group_visits_every_sample_once_per_epoch_in_its_own_order(groups):
+    epochs = groups["recipe"].phase2.epochs
+    for rank in groups["ranks"]:
+        (record,) = rank["phase2"]
+        assert record["samples_per_epoch"] == [N] * epochs  # summed over the group's members
+        assert record["order_digests"] == [digest(worker_order(N, seed=0, worker=record["worker"], epoch=e))
+                                           for e in range(epochs)]
+    assert groups["ranks"][0]["phase2"][0]["order_digests"] != groups["ranks"][2]["phase2"][0]["order_digests"]
+
+
+def test_group_average_is_the_mean_of_the_two_workers(groups):
+    out = groups["out"]
+    w0, w1 = (load_file(out / "workers" / f"worker{k}.safetensors") for k in range(2))
+    assert not (out / "workers" / "worker2.safetensors").exists()
+    final = load_file(out / "model.safetensors")
+    for name in _param_names():
+        # Only the groups' leaders contribute (the other members add zeros): a + b, exactly, in any order.
+        assert torch.equal(final[name], (w0[name] + w1[name]) / 2), name
+    assert [w["index"] for w in groups["results"]["workers"]] == [0, 1]
+
+
+# ------------------------------------------------------------------- P = 2, W = 1: one group of two
+
+
+def test_one_worker_of_two_processes_is_plain_data_parallel_small_batch(tmp_path, data_cache):
+    run = _run(tmp_path, data_cache, 2, 1)
+    r = run["results"]
+    records = [rank["phase2"][0] for rank in run["ranks"]]
+    assert [(x["worker"], x["member"]) for x in records] == [(0, 0), (0, 1)]
+    assert records[0]["params"] == records[1]["params"]
+    assert r["collectives"]["phase2"]["calls"] == 0
+    assert r["collectives"]["phase2_in_group"]["calls"] == r["phase2"]["steps_per_worker"] + 2 * r["phase2"]["epochs"]
+    # The per-worker batch of 100 is split 50/50: 21 steps per epoch over the 2048 samples, as one process would.
+    assert r["phase2"]["steps_per_worker"] == 21 * r["phase2"]["epochs"]
+    assert [w["index"] for w in r["workers"]] == [0]
+    saved = load_file(run["out"] / "workers" / "worker0.safetensors")
+    final = load_file(run["out"] / "model.safetensors")
+    for name in _param_names():
+        assert torch.equal(final[name], saved[name]), name  # the average of one worker is that worker
+
+
+# ------------------------------------------------------- P = 2, W = 4: two workers per process in turn
+
+
+def test_four_distinct_workers_each_visit_every_sample_in_their_own_order(sequential):
+    records = {x["worker"]: x for rank in sequential["ranks"] for x in rank["phase2"]}
+    assert sorted(records) == [0, 1, 2, 3]
+    assert [x["worker"] for x in sequential["ranks"][0]["phase2"]] == [0, 2]  # worker k on rank k mod P
+    assert len({x["params"] for x in records.values()}) == 4
+    epochs = sequential["recipe"].phase2.epochs
+    for k, x in records.items():
+        assert x["samples_per_epoch"] == [N] * epochs
+        assert x["order_digests"] == [digest(worker_order(N, seed=0, worker=k, epoch=e)) for e in range(epochs)]
+    r = sequential["results"]
+    assert [w["index"] for w in r["workers"]] == [0, 1, 2, 3] and r["collectives"]["phase2"]["calls"] == 0
+    # Measured wall clock (two workers in turn) and the parallel-equivalent time (the slowest single worker).
+    assert r["phase2"]["seconds"] >= 1.5 * r["phase2"]["slowest_worker_seconds"]
+    assert r["training_seconds"]["parallel_equivalent"] < r["training_seconds"]["measured"]
+    assert r["critical_path_steps"] == r["phase1"]["steps"] + r["phase2"]["steps_per_worker"]
+
+
+def test_sequential_average_is_the_mean_of_the_four_saved_workers(sequential):
+    out = sequential["out"]
+    workers = [load_file(out / "workers" / f"worker{k}.safetensors") for k in range(4)]
+    final = load_file(out / "model.safetensors")
+    for name in _param_names():
+        mean = torch.stack([w[name] for w in workers]).sum(0) / 4
+        # Each process sums its two workers, then gloo adds the two sums: float32 rounding only.
+        torch.testing.assert_close(final[name], mean, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(final[name], workers[0][name])
+
+
+def test_sigkill_in_the_third_worker_then_rerun_gives_the_uninterrupted_result(sequential, tmp_path, data_cache):
+    recipe = tiny_recipe(tmp_path, data_cache, phase2={"workers": 4}, checkpoint={"every_steps": 5})
+    out = tmp_path / "run"
+    cmd = train_command(recipe, out, "--num_processes", "2", "--main_process_port", str(free_port()))
+    # Rank 0 trains worker 0, then worker 2: kill mid-way through worker 2's second epoch (21 steps per epoch).
+    kill_when(start(cmd, tmp_path / "killed.log"),
+               lambda: any(int(p.name.rsplit("step", 1)[1]) >= 25 for p in checkpoints(out, "p2-w2-step*")))
+    assert checkpoints(out, "p2-w0-end") and not checkpoints(out, "p2-w2-end")
+    assert not (out / "results.json").exists()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **ENV}, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    resumed = json.loads((out / "results.json").read_text())["resumed_from"]["workers"]
+    assert resumed["0"]["end"] and resumed["2"]["step"], resumed
+    assert tensors_equal(out / "model.safetensors", sequential["out"] / "model.safetensors") == []
+    for k in range(4):
+        assert tensors_equal(out / "workers" / f"worker{k}.safetensors",
+                              sequential["out"] / "workers" / f"worker{k}.safetensors") == []
+
+
+# ------------------------------------------- `average` over workers of two --from-phase1 runs (seeds 0, 1)
+
+
+def test_average_accepts_workers_of_two_runs_that_share_one_phase1(sequential, tmp_path, data_cache):
+    """Worker identity is (phase-1 origin, seed, worker index): worker 0 of seed 1 is not worker 0 of seed 0."""
+    other = tmp_path / "seed1"
+    recipe = tiny_recipe(tmp_path, data_cache, seed=1, phase2={"workers": 2})
+    result = launch(2, recipe, other, "--from-phase1", str(sequential["out"]), env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    avg = tmp_path / "avg"
+    cmd = [sys.executable, "-m", "swap_accel", "average", str(sequential["out"] / "checkpoints" / "p2-w0-end"),
+           str(sequential["out"] / "checkpoints" / "p2-w1-end"), str(other), "--recipe", str(recipe), "--out", str(avg)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **ENV}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((avg / "results.json").read_text())
+    assert [(w["index"], w["seed"]) for w in r["workers"]] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    workers = [load_file(run / "workers" / f"worker{k}.safetensors")
+               for run in (sequential["out"], other) for k in (0, 1)]
+    final = load_file(avg / "model.safetensors")
+    for name in _param_names():
+        torch.testing.assert_close(final[name], torch.stack([w[name] for w in workers]).sum(0) / 4, rtol=1e-6,
+                                   atol=1e-7)
+    # One checkpoint given twice (here under two paths) is still refused.
+    twice = subprocess.run([*cmd[:5], str(sequential["out"] / "checkpoints" / ".." / "checkpoints" / "p2-w0-end"),
+                            "--recipe", str(recipe), "--out", str(tmp_path / "twice")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert twice.returncode == 2 and "are the same worker checkpoint" in twice.stderr, twice.stderr[-2000:]
