@@ -252,3 +252,14 @@ def test_average_accepts_workers_of_two_runs_that_share_one_phase1(sequential, t
                             "--recipe", str(recipe), "--out", str(tmp_path / "twice")],
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert twice.returncode == 2 and "are the same worker checkpoint" in twice.stderr, twice.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("recipe", "processes", "expected"), [
+    ("imagenet", 16, "2 worker(s) of 8 processes each"),  # the paper's section 5.2 layout
+    ("cifar10", 8, "8 worker(s), one per process"), ("cifar10", 2, "8 workers, 4 per process trained in turn"),
+    ("cifar100", 8, "8 worker(s), one per process"), ("fashion_mnist", 2, "2 worker(s), one per process"),
+])
+def test_shipped_recipes_lay_out_the_papers_workers(recipe, processes, expected):
+    parsed = load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
+    parsed.check_processes(processes)
+    assert parsed.worker_layout(processes).describe() == expected
