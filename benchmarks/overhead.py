@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import alternate, fashion, save
 from swap_accel.augment import augment_batch, cutout_
-from swap_accel.distributed import CollectiveCounter, make_accelerator
+from swap_accel.counting import CollectiveCounter
+from swap_accel.distributed import make_accelerator
 from swap_accel.models import build_model
 from swap_accel.monitor import Monitor
 from swap_accel.phase1 import train_phase1

@@ -26,13 +26,15 @@ from .checkpoints import (
     write_json,
     write_text,
 )
+from .counting import CollectiveCounter
 from .data import load_data
-from .distributed import CollectiveCounter, make_accelerator
+from .distributed import make_accelerator
 from .evaluate import evaluate_local, evaluate_shared
 from .models import build_model
 from .recipe import Recipe, dump_recipe
 from .report import averaging_summary, print_table, run_header
-from .resume import ROOT, check_model, check_writable
+from .resume import ROOT, check_model
+from .rundir import check_writable
 
 _PHASES = ("setup", "phase3", "evaluation")
 

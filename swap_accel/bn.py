@@ -32,8 +32,14 @@ def recalibrate_bn_(
     samples: int | None,
     batch_size: int,
     seed: int,
+    shard: tuple[int, int] | None = None,
+    group=None,
 ) -> dict:
-    """Set every BN layer's running mean/variance to the statistics of its inputs over a pass."""
+    """Set every BN layer's running mean/variance to the statistics of its inputs over a pass.
+
+    The pass is shared by all processes by default. `shard=(member, members)` shares it among one worker's
+    processes only (issue 14: every worker gets the same recalibration as the averaged model): summed inside
+    `group`, or on this process alone, with no collective, when `members` is 1."""
     layers = bn_layers(module)
     if not layers:
         return {"layers": 0, "samples": 0}
@@ -58,8 +64,8 @@ def recalibrate_bn_(
     module.train()
     try:
         order = bn_order(source.num_samples, seed=seed, samples=samples)
-        mine = bn_shard(order, batch_size=batch_size, rank=accelerator.process_index,
-                        num_processes=accelerator.num_processes)
+        index, count = shard or (accelerator.process_index, accelerator.num_processes)
+        mine = bn_shard(order, batch_size=batch_size, rank=index, num_processes=count)
         for x, _ in source.batches(mine, batch_size, augment=False, generator=None):
             with accelerator.autocast():
                 module(x)
@@ -68,7 +74,9 @@ def recalibrate_bn_(
             h.remove()
         module.train(was_training)
 
-    flat = all_reduce_sum(torch.cat(sums), accelerator)
+    flat = torch.cat(sums)
+    if shard is None or shard[1] > 1:
+        all_reduce_sum(flat, accelerator, group)
     offset = 0
     for m in layers:
         c = m.num_features

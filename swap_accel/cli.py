@@ -54,7 +54,7 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
     from .data import load_data, prepare_data
     from .models import check_model_input, check_model_name
     from .recipe import RecipeError, load_recipe
-    from .resume import check_run_dir
+    from .rundir import check_run_dir
     from .tracking import check_backend
 
     recipe = load_recipe(recipe_path, overrides or [])

@@ -1,29 +1,25 @@
-"""Distributed helpers: the only module that calls `torch.distributed`.
+"""Distributed helpers: with `counting`, the only module that calls `torch.distributed`.
 
 Three jobs. (1) Form a real process group on CPU-only machines and refuse a launch whose processes
 are not one group (issue 2: `torchrun`/`accelerate launch --multi_gpu` without CUDA otherwise start
-independent single-process runs, silently). (2) Count every collective per phase, so the claim
-"phase 2 communicates nothing" is measured, not assumed. (3) The collectives SWAP needs: one
-flattened all-reduce to average weights (paper Algorithm 1, phase 3), sums for metrics and BN
-statistics, a broadcast of buffers.
+independent single-process runs, silently). (2) Phase 2's worker groups (issue 9) and their
+data-parallel wrapper. (3) The collectives SWAP needs: one flattened all-reduce to average the
+workers (paper Algorithm 1, phase 3), sums for metrics and BN statistics, broadcasts of buffers and
+of decisions one rank takes for all. `counting` counts every one of them per phase.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import os
-import sys
-import threading
-from collections import defaultdict
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from .counting import CollectiveCounter
 from .topology import WorkerLayout
 
 
@@ -47,11 +43,13 @@ def require_one_group(accelerator: Accelerator) -> None:
         )
 
 
-def make_accelerator(mixed_precision: str = "no", log_with: str | None = None,
-                     project_dir: str | None = None) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, project_dir: str | None = None,
+                     timeout_minutes: float = 30.0) -> Accelerator:
     """An Accelerator that is one real group whenever WORLD_SIZE > 1, on GPUs or CPU-only.
 
-    `log_with`/`project_dir` select Accelerate's experiment tracker (issue 3); None adds none."""
+    `log_with`/`project_dir` select Accelerate's experiment tracker (issue 3); None adds none. Every
+    collective fails after `timeout_minutes` instead of the backend's own default (issue 14: NCCL's
+    watchdog and gloo disagree; a recipe states it once for both)."""
     cpu = not torch.cuda.is_available()
     if cpu and "OMP_NUM_THREADS" not in os.environ:
         # Issue 5: P processes on C cores do best with C/P threads each (measured: two 1-thread
@@ -63,113 +61,11 @@ def make_accelerator(mixed_precision: str = "no", log_with: str | None = None,
     # evolve the same either way, and every reader (evaluation, phase-1 end, checkpoints on rank 0) takes
     # rank 0's through `broadcast_buffers_` first, so the results are bitwise the same with one fewer sync.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    group = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
-                              kwargs_handlers=[ddp])
+                              kwargs_handlers=[ddp, group])
     require_one_group(accelerator)
     return accelerator
-
-
-# Collectives counted by name; `_broadcast_coalesced` is what DDP uses for parameters and buffers.
-_COUNTED = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "broadcast_object_list",
-    "_broadcast_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather", "gather_object",
-    "scatter", "all_to_all", "all_to_all_single", "barrier", "send", "recv", "isend", "irecv",
-)
-
-
-def _group_position(name: str, fn) -> int | None:
-    """Where a collective takes its process group positionally (`group`; `_broadcast_coalesced`: first)."""
-    if name == "_broadcast_coalesced":
-        return 0
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index("group") if "group" in params else None
-
-
-def _payload_bytes(name: str, args: tuple) -> int:
-    position = 1 if name in ("all_gather", "all_gather_into_tensor", "_broadcast_coalesced") else 0
-    tensors = args[position] if len(args) > position else None
-    if isinstance(tensors, torch.Tensor):
-        return tensors.numel() * tensors.element_size()
-    if isinstance(tensors, (list, tuple)):
-        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return 0
-
-
-class CollectiveCounter:
-    """Counts calls and payload bytes of every `torch.distributed` collective, per phase.
-
-    Wrapping the module functions catches Accelerate's ops (`reduce`, `gather`, ...) and DDP's
-    parameter/buffer broadcasts; DDP's gradient all-reduce runs in C++ unless a comm hook is set, so
-    `watch_ddp` registers the stock all-reduce hook, which calls `dist.all_reduce` (same math).
-    Nested calls (e.g. all_gather_object → all_gather) count once. A collective on a phase-2 worker group
-    (issue 9) made while phase 2 runs is counted as `phase2_in_group`, apart from `phase2`, which counts
-    what crosses between workers and must stay 0.
-    """
-
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = defaultdict(int)
-        self.bytes: dict[str, int] = defaultdict(int)
-        self.current = "setup"
-        self.worker_group = None
-        self._depth = threading.local()
-        self._originals: dict[str, object] = {}
-
-    def install(self) -> CollectiveCounter:
-        for name in _COUNTED:
-            if hasattr(dist, name) and name not in self._originals:
-                self._originals[name] = getattr(dist, name)
-                setattr(dist, name, self._wrap(name, self._originals[name]))
-        return self
-
-    def uninstall(self) -> None:
-        for name, fn in self._originals.items():
-            setattr(dist, name, fn)
-        self._originals.clear()
-
-    def _label(self, name: str, position: int | None, args: tuple, kwargs: dict) -> str:
-        if self.current != "phase2" or self.worker_group is None:
-            return self.current
-        group = kwargs.get("group", kwargs.get("process_group"))
-        if group is None and position is not None and len(args) > position:
-            group = args[position]
-        return "phase2_in_group" if group is self.worker_group else self.current
-
-    def _wrap(self, name: str, fn):
-        position = _group_position(name, fn)
-
-        @functools.wraps(fn)
-        def counted(*args, **kwargs):
-            depth = getattr(self._depth, "n", 0)
-            if depth == 0:
-                label = self._label(name, position, args, kwargs)
-                self.calls[label] += 1
-                self.bytes[label] += _payload_bytes(name, args)
-            self._depth.n = depth + 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth.n = depth
-
-        return counted
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        previous, self.current = self.current, name
-        try:
-            yield
-        finally:
-            self.current = previous
-
-    def summary(self) -> dict[str, dict[str, int]]:
-        return {p: {"calls": self.calls[p], "bytes": self.bytes[p]} for p in sorted(self.calls)}
-
-    @staticmethod
-    def watch_ddp(model: torch.nn.Module, group=None) -> None:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model.register_comm_hook(group, allreduce_hook)
 
 
 def make_worker_group(layout: WorkerLayout, rank: int, counter: CollectiveCounter):
@@ -204,7 +100,8 @@ def is_distributed(accelerator: Accelerator) -> bool:
 
 
 # What a collective does when a peer process is gone (gloo: "Connection closed by peer"): None raises as
-# usual; inside `peers_required`/`peers_optional` (issue 4) a callable that decides.
+# usual; inside `peers_required` (issue 4) a callable that decides. (Phase 2 makes no collective at all, issue 14,
+# so no worker ever needs to carry on past a lost peer inside one.)
 _on_lost_peer = None
 
 
@@ -227,17 +124,6 @@ def peers_required(explain):
     return _lost_peer_policy(fail)
 
 
-def peers_optional(who: str):
-    """Phase 2: a worker needs no other worker (paper section 3), so when a logging gather finds a peer gone
-    this worker carries on alone and the gather returns its own values only."""
-
-    def warn(error: RuntimeError) -> None:
-        print(f"warning: {who}: a peer process is gone ({str(error).splitlines()[0][:100]}); phase 2 continues "
-              "alone", file=sys.stderr, flush=True)
-
-    return _lost_peer_policy(warn)
-
-
 def all_reduce_sum(tensor: torch.Tensor, accelerator: Accelerator, group=None) -> torch.Tensor:
     """Sum across processes (or across a worker group) in place (float64 stays float64; gloo supports it)."""
     if is_distributed(accelerator):
@@ -246,17 +132,44 @@ def all_reduce_sum(tensor: torch.Tensor, accelerator: Accelerator, group=None) -
         except RuntimeError as e:
             if _on_lost_peer is not None:
                 _on_lost_peer(e)
-            raise  # a sum without all its terms is no result, even for a worker that may carry on alone
+            raise
     return tensor
 
 
-def _float_params(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [p for p in module.parameters() if p.dtype.is_floating_point]
+def all_true(flag: bool, accelerator: Accelerator, group=None) -> bool:
+    """Whether `flag` holds on every process (of `group`): a decision no rank may take alone, e.g. stopping on
+    NaN before a checkpoint barrier (issue 14: a rank that stops alone leaves the others at the barrier)."""
+    failed = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
+    return all_reduce_sum(failed, accelerator, group).item() == 0
 
 
-def flat_parameters(module: torch.nn.Module) -> torch.Tensor:
-    """Every floating-point parameter in one new flat vector: a worker's term of phase 3's sum."""
-    return torch.cat([p.detach().reshape(-1) for p in _float_params(module)])
+def broadcast_object(obj, accelerator: Accelerator, group=None):
+    """`obj` as the first rank (of `group`) has it: one rank decides, e.g. where a resumed run starts (issue 14)."""
+    if not is_distributed(accelerator):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def gather_objects(obj, accelerator: Accelerator) -> list:
+    """Every process's `obj` (small, picklable), in rank order."""
+    if not is_distributed(accelerator):
+        return [obj]
+    out = [None] * accelerator.num_processes
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _float_state(module: torch.nn.Module) -> list[torch.Tensor]:
+    # Parameters and every floating-point buffer: a non-BN float buffer (an EMA, a learned-schedule state) must
+    # not stay one worker's (issue 14); BN statistics are averaged too and then recomputed by phase 3.
+    return [t for t in (*module.parameters(), *module.buffers()) if t.dtype.is_floating_point]
+
+
+def flat_state(module: torch.nn.Module) -> torch.Tensor:
+    """Every floating-point parameter and buffer in one new flat vector: a worker's term of phase 3's sum."""
+    return torch.cat([t.detach().reshape(-1) for t in _float_state(module)])
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -267,15 +180,16 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
 
 @torch.no_grad()
 def average_workers_(module: torch.nn.Module, local_sum: torch.Tensor, workers: int, accelerator: Accelerator) -> int:
-    """Set every floating-point parameter of `module` to the mean of the W workers' (paper Algorithm 1, phase 3).
+    """Set every floating-point parameter and buffer of `module` to the mean of the W workers' (paper Algorithm 1,
+    phase 3).
 
-    `local_sum` is the sum of the workers this process leads (`flat_parameters` of each; zeros on a group's
+    `local_sum` is the sum of the workers this process leads (`flat_state` of each; zeros on a group's
     other members, so every worker counts once, each with equal weight, issue 9). One flattened all-reduce
     instead of one per tensor: a constant number of collectives whatever the architecture (issue 5). With
     one worker per process this is exactly the old (a + b) / 2. Returns the number of averaged values.
     """
     all_reduce_sum(local_sum, accelerator).div_(workers)
-    _unflatten_into(local_sum, _float_params(module))
+    _unflatten_into(local_sum, _float_state(module))
     return local_sum.numel()
 
 

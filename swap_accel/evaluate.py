@@ -9,10 +9,13 @@ that is a group of processes (issue 9) splits the test set among its members and
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .bn import recalibrate_bn_
 from .data import DataSource
 from .distributed import all_reduce_sum
 
@@ -49,3 +52,19 @@ def evaluate_local(module: nn.Module, source: DataSource, batch_size: int, accel
     if group is not None:
         all_reduce_sum(correct, accelerator, group)
     return correct.item() / source.num_samples
+
+
+@torch.no_grad()
+def evaluate_recalibrated(module: nn.Module, recipe, train_data: DataSource, test_data: DataSource, accelerator,
+                          *, loader=None, group=None, member: int = 0, members: int = 1) -> float:
+    """Test accuracy after the very BN recalibration phase 3 gives the averaged model (same samples, no
+    augmentation), in a scratch copy: a worker or a baseline keeps its own statistics, and "after - before"
+    then measures averaging alone (issue 14). With `loader` the model is shared by all processes (a baseline);
+    otherwise it is one worker's, on its process or its group, with no collective between workers."""
+    scratch = copy.deepcopy(module)
+    shard = None if loader is not None else (member, members)
+    recalibrate_bn_(scratch, train_data, accelerator, samples=recipe.eval.bn_samples,
+                    batch_size=recipe.eval.bn_batch_size, seed=recipe.seed, shard=shard, group=group)
+    if loader is not None:
+        return evaluate_shared(scratch, loader, accelerator)[0]
+    return evaluate_local(scratch, test_data, recipe.eval.batch_size, accelerator, group, member, members)

@@ -55,9 +55,8 @@ def draw(results: dict) -> Figure:
         # (epoch, accuracy) of each worker at its logging points; workers trained in turn (issue 9) share epochs.
         logged: dict[int, list] = {}
         for h in p2.get("workers_history", []):
-            for w in h["workers"]:
-                if w["test_acc"] is not None:
-                    logged.setdefault(w["worker"], []).append((h["epoch"], w["test_acc"]))
+            if h["test_acc"] is not None:
+                logged.setdefault(h["worker"], []).append((h["epoch"], h["test_acc"]))
         n = len(results["workers"])
         colours = plt.get_cmap("tab10" if n <= 10 else "viridis")
         for k, final in enumerate(results["workers"]):

@@ -1,35 +1,40 @@
 """What happens at a logging point (the end of an epoch), for both training phases (issue 3).
 
 The phase loops call `log(row)` once per epoch and `log.steps(...)` around their batches; this is
-that `log`. At a logging point it evaluates test accuracy when due, and in phase 2 gathers every
-process's worker numbers to the main process (one small all-gather, counted as `phase2_logging`, so phase 2
-between logging points still makes zero collectives) and optionally evaluates the averaged model
-of the paper's Figure 1 in a scratch copy. With W > P workers trained in turn (issue 9), the processes'
-k-th workers log together, and tracker steps keep rising across them (they add the steps this process
-trained before). Time spent here is kept apart from training time, so Table 1's times stay the cost
-of SWAP itself, and the averaged curve reports its own cost.
+that `log`. At a logging point it evaluates test accuracy when due. Phase 1's numbers are already
+all-reduced and go to the tracker at once. Phase 2 makes no collective for monitoring (issue 14: a
+worker never waits for another, which on NCCL would also make a dead peer hang everyone): each worker's
+leader appends its row to `RUN_DIR/monitor/worker<k>.jsonl`, only when a tracker consumes it, and the
+main process logs whatever rows have arrived at its own logging points and once more after phase 2.
+`results.json` and Figure 1 get every worker's rows from the workers' own histories at the end. The
+optional averaged-model curve of the paper's Figure 1 (`averaged_curve: N`) does average the workers in
+a scratch copy every N epochs, a collective by nature, and says so. Time spent here is kept apart from
+training time, so Table 1's times stay the cost of SWAP itself.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
 from . import tracking
 from .bn import recalibrate_bn_
+from .checkpoints import write_text
+from .counting import CollectiveCounter
 from .data import DataSource
-from .distributed import CollectiveCounter, average_workers_, broadcast_buffers_, flat_parameters, gather_values
+from .distributed import average_workers_, broadcast_buffers_, flat_state
 from .evaluate import evaluate_local, evaluate_shared
 from .progress import Progress
 from .recipe import Recipe
 from .topology import WorkerLayout
 
-_WORKER_KEYS = ("train_loss", "train_acc", "test_acc", "images_per_s")
+_WORKER_KEYS = ("lr", "train_loss", "train_acc", "test_acc", "images_per_s")
 
 
 @dataclass
@@ -44,12 +49,29 @@ class Monitor:
     progress: Progress
     layout: WorkerLayout | None = None
     group: object = None  # this process's worker group (issue 9), None when a worker is one process
+    run_dir: Path | None = None
     phase1_steps: int = 0
     steps_before: int = 0  # phase-2 steps of this process's earlier workers (W > P), for rising tracker steps
     phase1_epochs: int = 0
     seconds: dict = field(default_factory=lambda: {"phase1": 0.0, "phase2": 0.0})
-    worker_history: list[dict] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
+    _logged: dict = field(default_factory=dict)  # main process: worker -> rows of its file already logged
+
+    @property
+    def live(self) -> bool:
+        """Phase-2 rows are exchanged only for a tracker; results.json gets them from the workers at the end."""
+        return self.recipe.tracking.backend != "none"
+
+    def _rows_file(self, worker: int) -> Path:
+        return self.run_dir / "monitor" / f"worker{worker}.jsonl"
+
+    def restore_worker(self, worker: int, rows: list[dict]) -> None:
+        """A (re)starting worker's file holds exactly the rows its checkpoint logged: a resumed run's tracker run
+        shows the whole phase, without rows of epochs the interrupted run did not checkpoint."""
+        if self.live and self.layout.leads(self.accelerator.process_index):
+            path = self._rows_file(worker)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
     def end_worker(self, steps: int) -> None:
         self.steps_before += steps
@@ -81,40 +103,47 @@ class Monitor:
         self.progress.epoch(row)
 
     def _phase2(self, row: dict) -> None:
-        # A row replayed after a resume (train.py) carries the accuracy measured when it was first logged; the
-        # resumed weights are from a later step, so evaluating them would misreport that epoch.
-        rank = self.accelerator.process_index
-        member = self.layout.member_of(rank)
-        if self._due(row["epoch"]) and "test_acc" not in row:
-            # The worker's own model: on this process alone (no communication), or split over its group.
+        # A worker's row is its own: evaluated on this process alone (no communication), or split over its group.
+        member = self.layout.member_of(self.accelerator.process_index)
+        if self._due(row["epoch"]):
             with self.counter.phase("evaluation"):
                 row["test_acc"] = evaluate_local(self.module, self.test_data, self.recipe.eval.batch_size,
                                                  self.accelerator, self.group, member,
                                                  self.layout.processes_per_worker)
-        mine = torch.tensor([row["worker"], member] + [row.get(k, math.nan) for k in _WORKER_KEYS],
-                            dtype=torch.float64, device=self.accelerator.device)
-        with self.counter.phase("phase2_logging"):
-            gathered = gather_values(mine, self.accelerator).tolist()
-        # One row per worker (a group's members hold the same numbers). None (not NaN) marks "not evaluated at
-        # this point": results.json stays standard JSON.
-        workers = sorted(({"worker": int(w[0]), **{k: None if math.isnan(v) else v
-                                                   for k, v in zip(_WORKER_KEYS, w[2:], strict=True)}}
-                          for w in gathered if w[1] == 0), key=lambda w: w["worker"])
-        epoch, step = self.phase1_epochs + row["epoch"], self.phase1_steps + self.steps_before + row["step"]
-        every = self.recipe.tracking.averaged_curve
+        # The tracker's step: phase 1's steps, then the steps this process trained so far (rising across workers
+        # trained in turn). Kept in the row, so checkpoints and results.json carry it.
+        row["run_step"] = self.phase1_steps + self.steps_before + row["step"]
+        if self.live and member == 0:
+            with self._rows_file(row["worker"]).open("a") as f:
+                f.write(json.dumps(row) + "\n")
         averaged = None
+        every = self.recipe.tracking.averaged_curve
         # The last epoch's point is phase 3's own result (train.py): the same average, BN pass and test set.
         if isinstance(every, int) and row["epoch"] % every == 0 and row["epoch"] < self.recipe.phase2.epochs:
-            averaged = self._averaged_point(epoch, step)
-        values = {"phase": 2, "epoch": epoch, "phase2/lr": row["lr"],
-                  "phase2/train_loss": sum(w["train_loss"] for w in workers) / len(workers),
-                  "phase2/train_acc": sum(w["train_acc"] for w in workers) / len(workers),
-                  "phase2/images_per_s": sum(w["images_per_s"] for w in workers), "averaged/test_acc": averaged}
-        for w in workers:
-            values.update({f"worker/{w['worker']}/{key}": w[key] for key in ("train_loss", "train_acc", "test_acc")})
-        tracking.log(self.accelerator, values, step=step)
-        self.worker_history.append({"epoch": epoch, "step": step, "lr": row["lr"], "workers": workers})
-        self.progress.epoch(row, workers=workers, averaged=averaged)
+            averaged = self._averaged_point(self.phase1_epochs + row["epoch"], row["run_step"])
+            tracking.log(self.accelerator, {"averaged/test_acc": averaged}, step=row["run_step"])
+        self.drain()
+        self.progress.epoch(row, averaged=averaged)
+
+    def drain(self) -> None:
+        """Main process: send every phase-2 row that has arrived since the last call to the tracker."""
+        if not (self.live and self.accelerator.is_main_process):
+            return
+        for worker in range(self.layout.workers):
+            path = self._rows_file(worker)
+            lines = path.read_text().splitlines() if path.exists() else []
+            for line in lines[self._logged.get(worker, 0):]:
+                row = json.loads(line)
+                values = {f"worker/{worker}/{key}": row.get(key) for key in _WORKER_KEYS}
+                values.update({"phase": 2, "epoch": self.phase1_epochs + row["epoch"]})
+                tracking.log_series(self.accelerator, values, f"worker/{worker}", row["run_step"])
+            self._logged[worker] = max(self._logged.get(worker, 0), len(lines))
+
+    def workers_history(self, histories: list[dict]) -> list[dict]:
+        """results.json's per-worker rows (Figure 1): `histories` maps worker -> its phase-2 history rows."""
+        return [{"worker": worker, "epoch": self.phase1_epochs + row["epoch"], "step": row["run_step"],
+                 **{key: row.get(key) for key in _WORKER_KEYS}}
+                for worker, rows in sorted(histories.items()) for row in rows]
 
     @torch.no_grad()
     def _averaged_point(self, epoch: int, step: int) -> float:
@@ -125,7 +154,7 @@ class Monitor:
         with self.counter.phase("averaged_curve"), torch.random.fork_rng(devices=devices):
             scratch = copy.deepcopy(self.module)
             # Only groups or one worker per process get here (recipe check): a group's leader holds its worker.
-            own = flat_parameters(scratch)
+            own = flat_state(scratch)
             average_workers_(scratch, own if self.layout.leads(self.accelerator.process_index) else own.zero_(),
                              self.layout.workers, self.accelerator)
             recalibrate_bn_(scratch, self.train_data, self.accelerator, samples=self.recipe.eval.bn_samples,
@@ -134,14 +163,12 @@ class Monitor:
         self.curve.append({"epoch": epoch, "step": step, "test_acc": acc, "seconds": time.perf_counter() - start})
         return acc
 
-    def final_point(self, final_acc: float) -> None:
+    def final_point(self, final_acc: float, epoch: int, step: int) -> None:
         """Phase 3's result closes the averaged curve ("end"): no extra work."""
         if self.recipe.tracking.averaged_curve == "off":
             return
-        last = self.worker_history[-1]
-        self.curve.append({"epoch": last["epoch"], "step": last["step"], "test_acc": final_acc, "seconds": 0.0,
-                           "source": "phase3"})
-        tracking.log(self.accelerator, {"averaged/test_acc": final_acc}, step=last["step"])
+        self.curve.append({"epoch": epoch, "step": step, "test_acc": final_acc, "seconds": 0.0, "source": "phase3"})
+        tracking.log(self.accelerator, {"averaged/test_acc": final_acc}, step=step)
 
     def curve_summary(self) -> dict:
         return {"setting": self.recipe.tracking.averaged_curve, "points": self.curve,

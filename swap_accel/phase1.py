@@ -9,6 +9,7 @@ end, so the stop decision is the same number on every rank: all ranks leave at t
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from .bn import bn_layers
 from .checkpoints import load_state, load_weights_into
 from .data import DataSource
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, all_true
 from .recipe import OptimizerConfig, Phase1Config, RecipeError
 from .resume import Checkpointer, restore_loop
 from .sampling import AUGMENT, derive_seed, phase1_shard
@@ -41,17 +43,33 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def require_finite(module: torch.nn.Module, where: str, ckpt: Checkpointer, totals: torch.Tensor | None = None) -> None:
-    """Never checkpoint diverged weights over good ones (issue 4): one host sync, only when a checkpoint is due."""
+def require_finite(module: torch.nn.Module, where: str, ckpt: Checkpointer, totals: torch.Tensor | None = None,
+                   agree=bool) -> None:
+    """Never checkpoint diverged weights over good ones (issue 4): one host sync, only when a checkpoint is due.
+
+    `agree(finite)` makes the decision shared by every process that will meet at the checkpoint's barrier
+    (issue 14): BN statistics differ per rank, so one rank may see a NaN the others do not, and a rank that
+    stopped alone would leave them waiting there."""
     # Parameters and BN running statistics: NaN statistics would poison evaluation and phase 3 just the same.
     tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
     finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
     if totals is not None:
         finite &= torch.isfinite(totals).all()
-    if not finite:
+    if not agree(bool(finite)):
         kept = ckpt.last_good or "none was written yet"
         raise TrainingDiverged(f"{where}: the loss, weights or BN statistics became NaN/Inf; stopped there, the last "
                                f"good checkpoint is kept ({kept}); lower the learning rate and rerun with --overwrite")
+
+
+def warn_ghost_batchnorm(recipe, module: torch.nn.Module, num_processes: int, accelerator: Accelerator) -> None:
+    """Issue 14: micro-batches are not only a speed knob. BatchNorm normalises over each micro-batch, so a
+    "large-batch" phase 1 with micro-batches of 128 gets small-batch BN noise (ghost BatchNorm)."""
+    per_process = recipe.phase1.global_batch_size // num_processes
+    micro = recipe.phase1.micro_batch_size
+    if micro and micro < per_process and bn_layers(module):
+        accelerator.print(f"note: phase1.micro_batch_size={micro} < the per-process batch {per_process}: BatchNorm "
+                          f"normalises over {micro} samples (ghost BatchNorm), not {per_process}; unset it for "
+                          "large-batch BatchNorm statistics (a baseline meant to be large-batch should)", flush=True)
 
 
 def log_off_clock(log, row: dict) -> float:
@@ -88,6 +106,7 @@ def train_phase1(
         )
     lr_at = make_schedule(cfg.lr, epochs=cfg.max_epochs, steps_per_epoch=steps_per_epoch)
     augment_gen = torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, AUGMENT, 1, rank))
+    random.seed(derive_seed(seed, AUGMENT, 1, rank))  # timm's streaming transforms draw from Python's RNG
     result = Phase1Result()
     first_epoch, resumed_done, resumed_totals = 0, 0, None
     if resume is not None:  # issue 4: continue exactly where the checkpoint stopped
@@ -129,7 +148,8 @@ def train_phase1(
             result.steps += 1
             if ckpt.due(result.steps):
                 result.seconds = time.perf_counter() - start
-                require_finite(model, f"phase 1 step {result.steps}", ckpt)
+                require_finite(model, f"phase 1 step {result.steps}", ckpt,
+                               agree=lambda finite: all_true(finite, accelerator))
                 ckpt.save_phase1(accelerator.unwrap_model(model), optimizer, result, epoch=epoch, step_in_epoch=i + 1,
                                  totals=totals, generator=augment_gen)
         totals[3] = time.perf_counter() - epoch_start

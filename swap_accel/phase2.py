@@ -12,6 +12,7 @@ collective counter in `distributed` proves it for every run (`phase2` = 0, `phas
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from accelerate import Accelerator
 
 from .checkpoints import load_state, load_weights_into
 from .data import DataSource
-from .distributed import all_reduce_sum, broadcast_buffers_
+from .distributed import all_reduce_sum, all_true, broadcast_buffers_
 from .phase1 import TrainingDiverged, log_off_clock, require_finite
 from .recipe import OptimizerConfig, Phase2Config
 from .resume import Checkpointer, restore_loop
@@ -79,6 +80,7 @@ def train_phase2(
     augment_gen = torch.Generator(device=accelerator.device).manual_seed(
         _member_seed(seed, AUGMENT, 2, worker, member=member))
     torch.manual_seed(_member_seed(seed, WORKER_RNG, worker, member=member))
+    random.seed(_member_seed(seed, WORKER_RNG, worker, member=member))  # timm's streaming transforms use it
     result = Phase2Result()
     first_epoch, resumed_done, resumed_totals = 0, 0, None
     if resume is not None:  # issue 4: continue exactly where this worker's checkpoint stopped
@@ -116,7 +118,8 @@ def train_phase2(
             totals[2] += y.numel()
             if ckpt.due(result.steps):
                 result.seconds = time.perf_counter() - start
-                require_finite(module, f"worker {worker}: phase 2 step {result.steps}", ckpt, totals)
+                require_finite(module, f"worker {worker}: phase 2 step {result.steps}", ckpt, totals,
+                               agree=(lambda finite: all_true(finite, accelerator, group)) if group else bool)
                 ckpt.save_phase2(module, optimizer, result, worker=worker, epoch=epoch,
                                  step_in_epoch=result.steps - epoch * steps_per_epoch, totals=totals,
                                  generator=augment_gen, group=group, member=member, members=members)

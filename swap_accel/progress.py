@@ -1,4 +1,5 @@
 """Console output: a live progress bar on the main process, one line per epoch, quiet elsewhere (issue 3).
+In phase 2 the lines are the main process's own worker's; every worker's final numbers follow in the table.
 
 On a terminal the main process shows a rich progress bar (phase, epoch/total, step, ETA) under the
 per-epoch lines; in CI and logs (not a TTY) only the per-epoch lines are printed. The bar advances
@@ -51,17 +52,15 @@ class Progress:
             yield item
             self.bar.advance(self.task)
 
-    def epoch(self, row: dict, workers: list[dict] | None = None, averaged: float | None = None) -> None:
+    def epoch(self, row: dict, averaged: float | None = None) -> None:
         if not self.main:
             return
         who = f"phase {row['phase']}" + (f" worker {row['worker']}" if "worker" in row else "")
         line = (f"{who} | epoch {row['epoch']} | step {row['step']} | lr {row['lr']:.4f} "
                 f"| loss {row['train_loss']:.4f} | train acc {100 * row['train_acc']:.2f}% "
                 f"| {row['images_per_s']:.0f} img/s | {row['seconds']:.1f} s")
-        if "test_acc" in row and not workers:
+        if "test_acc" in row:
             line += f" | test acc {100 * row['test_acc']:.2f}%"
-        if workers and workers[0]["test_acc"] is not None:
-            line += " | workers' test acc " + " ".join(f"{100 * w['test_acc']:.2f}" for w in workers)
         if averaged is not None:
             line += f" | averaged {100 * averaged:.2f}%"
         self.console.print(line, highlight=False, soft_wrap=True)

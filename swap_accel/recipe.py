@@ -178,6 +178,9 @@ class Recipe(Strict):
     # Start phase 2 from another run's phase 1 (its run dir or one of its checkpoints/p1-* dirs), so phase-2
     # settings and transition points can be tried without repeating phase 1 (the paper grid-searched it).
     from_phase1: Path | None = None
+    # Any collective that waits longer fails (issue 14), on gloo and NCCL alike. Phase 2 makes none, and processes
+    # meet phase 3 through the run directory, so this bounds phase 1's and phase 3's steps, not the workers' skew.
+    collective_timeout_minutes: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

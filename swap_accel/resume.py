@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from .checkpoints import (
     CheckpointError,
@@ -38,8 +37,6 @@ from .distributed import barrier
 from .recipe import Recipe
 
 ROOT = "checkpoints"
-# Keys that do not change what is computed: a re-run may change them and still resume.
-_NOT_COMPUTED = ("checkpoint", "output_dir", "tracking")
 
 
 def step_dirs(root: Path, prefix: str) -> list[Path]:
@@ -122,15 +119,15 @@ class WorkerStart:
         return (epochs if self.end else manifest["epoch"]), manifest["result"]["history"]
 
 
-def find_start(run_dir: Path, recipe: Recipe, is_main: bool) -> Start:
-    """The phase-1 fields come from shared files, so every rank picks the same (collectives stay matched)."""
+def find_start(run_dir: Path, recipe: Recipe) -> Start:
+    """Where phase 1 starts. The main process decides and broadcasts it (train.py, issue 14): a rank whose view of
+    the shared directory lags must not pick another step and leave the collectives unmatched."""
     root = run_dir / ROOT
-    warn = _warn if is_main else (lambda msg: None)
-    start = Start(phase1_end=newest_good([root / "p1-end"] if (root / "p1-end").exists() else [], warn))
+    start = Start(phase1_end=newest_good([root / "p1-end"] if (root / "p1-end").exists() else [], _warn))
     if start.phase1_end is None and recipe.from_phase1 is not None:
         start.phase1_end = phase1_source(recipe.from_phase1, recipe)
     if start.phase1_end is None:
-        start.phase1_step = newest_good(step_dirs(root, "p1-step"), warn)
+        start.phase1_step = newest_good(step_dirs(root, "p1-step"), _warn)
     return start
 
 
@@ -155,7 +152,8 @@ def loop_state(totals: torch.Tensor, generator: torch.Generator) -> dict:
     """Per-rank state of a training loop at a step boundary, beyond the weights: the partial epoch sums (phase
     1's τ decision at epoch end must see the same sums after a mid-epoch resume), the augmentation generator
     and the global RNG (dropout, drop-path)."""
-    state = {"totals": totals.cpu(), "generator": generator.get_state(), "rng": torch.get_rng_state()}
+    state = {"totals": totals.cpu(), "generator": generator.get_state(), "rng": torch.get_rng_state(),
+             "py_rng": random.getstate()}  # streaming sources' timm transforms draw from Python's RNG
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     return state
@@ -169,6 +167,9 @@ def restore_loop(path: Path, state: dict, result, generator: torch.Generator, de
         setattr(result, key, value)
     generator.set_state(state["generator"])
     torch.set_rng_state(state["rng"])
+    if "py_rng" in state:
+        version, internal, gauss = state["py_rng"]
+        random.setstate((version, tuple(internal), gauss))
     if "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"])
     return manifest["epoch"], manifest["step_in_epoch"], state["totals"].to(device)
@@ -271,58 +272,5 @@ class Checkpointer:
         return self.last_good
 
 
-def discard_checkpoints(run_dir: Path) -> None:
-    """`--overwrite`: start over instead of resuming (the main process, before anyone reads checkpoints)."""
-    shutil.rmtree(run_dir / ROOT, ignore_errors=True)
-
-
 def finished_workers(run_dir: Path) -> list[int]:
     return sorted(int(p.name[4:-4]) for p in (run_dir / ROOT).glob("p2-w*-end") if (p / "manifest.json").exists())
-
-
-def _first_difference(old, new, where: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new), key=str):
-            found = _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
-            if found:
-                return found
-        return None
-    return None if old == new else f"{where}: {old!r} -> {new!r}"
-
-
-def check_writable(run_dir: Path) -> None:
-    """Create nothing, but prove a file can be created where the run directory is (or will be)."""
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise CheckpointError(f"output directory {run_dir} is not writable ({e}); fix its permissions or choose "
-                              "--out DIR") from None
-
-
-def check_run_dir(recipe: Recipe, run_dir: Path, num_processes: int, overwrite: bool) -> None:
-    """Pre-process-group checks of the output directory: writable, not a finished run (unless --overwrite),
-    and an unfinished one is resumed only by the same recipe and process count."""
-    check_writable(run_dir)
-    if recipe.from_phase1 is not None:
-        phase1_source(recipe.from_phase1, recipe)
-    if overwrite:
-        return
-    if (run_dir / "results.json").exists():
-        raise FileExistsError(f"{run_dir} already holds a finished run; pass --overwrite or choose --out DIR")
-    if (run_dir / "recipe.yaml").exists():
-        old = {k: v for k, v in yaml.safe_load((run_dir / "recipe.yaml").read_text()).items() if k not in _NOT_COMPUTED}
-        new = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in _NOT_COMPUTED}
-        diff = _first_difference(old, new)
-        if diff:
-            raise CheckpointError(f"{run_dir} holds an unfinished run of another recipe ({diff}); rerun the same "
-                                  "recipe to resume it, pass --overwrite to start over, or choose --out DIR")
-    for manifest in sorted((run_dir / ROOT).glob("*/manifest.json"))[:1]:
-        n = json.loads(manifest.read_text())["num_processes"]
-        if n != num_processes:
-            raise CheckpointError(f"{run_dir} was checkpointed by {n} processes but this launch has {num_processes}; "
-                                  f"relaunch with {n} to resume, or pass --overwrite to start over")

@@ -107,8 +107,26 @@ def start(accelerator: Accelerator, recipe: Recipe, run_dir: Path) -> None:
 
 
 def log(accelerator: Accelerator, values: dict, step: int) -> None:
-    """`values` keyed `phase1/...`, `phase2/...`, `worker/<k>/...`, `averaged/...` so dashboards group them."""
+    """`values` keyed `phase1/...`, `worker/<k>/...`, `averaged/...` so dashboards group them."""
+    if accelerator.is_main_process and accelerator.log_with and "wandb" in [str(t) for t in accelerator.log_with]:
+        # W&B drops a row whose step is below its current one; series logged on their own axis (log_series)
+        # advance that counter, so an explicit step never goes back.
+        step = max(step, accelerator.get_tracker("wandb", unwrap=True).step)
     accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)  # None: not evaluated here
+
+
+def log_series(accelerator: Accelerator, values: dict, prefix: str, x: int) -> None:
+    """Rows of one series that arrive out of order with the others (a phase-2 worker's, issue 14), plotted against
+    their own step `x`: W&B gets `<prefix>/step` as the series' x-axis (define_metric), TensorBoard the step."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if not accelerator.is_main_process:
+        return
+    if "wandb" in [str(t) for t in accelerator.log_with]:
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
+        accelerator.log({**values, f"{prefix}/step": x})
+    else:
+        accelerator.log(values, step=x)
 
 
 def finish(accelerator: Accelerator, recipe: Recipe, results: dict, rows: list[tuple], figure_png: Path) -> None:

@@ -19,34 +19,36 @@ from accelerate.utils import set_seed
 from . import __version__, figure, tracking
 from .bn import recalibrate_bn_
 from .checkpoints import save_weights, sha256_file, write_json, write_text
+from .counting import CollectiveCounter
 from .data import load_data
 from .distributed import (
-    CollectiveCounter,
+    DistributedError,
     average_workers_,
     broadcast_buffers_,
-    flat_parameters,
+    broadcast_object,
+    flat_state,
     gather_values,
     make_accelerator,
     make_worker_group,
-    peers_optional,
     peers_required,
 )
-from .evaluate import evaluate_shared
+from .evaluate import evaluate_recalibrated, evaluate_shared
+from .liveness import BEAT_SECONDS, DEAD_AFTER_BEATS, Heartbeat, wait_for_all
 from .models import build_model
 from .monitor import Monitor
-from .phase1 import Phase1Result, train_phase1
+from .phase1 import Phase1Result, train_phase1, warn_ghost_batchnorm
 from .phase2 import make_sgd
 from .progress import Progress
 from .recipe import Recipe, dump_recipe
 from .report import averaging_summary, print_table, run_header, table_rows
-from .resume import Checkpointer, discard_checkpoints, find_start, finished_workers, load_result
+from .resume import Checkpointer, find_start, finished_workers, load_result
+from .rundir import discard_outputs
 from .sampling import digest
 from .workers import gathered_rows, run_workers
 
-# phase2_logging and averaged_curve are issue 3's monitoring, counted apart so phase 2 itself stays at zero;
-# phase2_in_group counts a worker group's own data-parallel collectives (issue 9), never crossing workers.
-PHASES = ("setup", "phase1", "phase2", "phase2_in_group", "phase2_logging", "averaged_curve", "phase3", "evaluation",
-          "report")
+# averaged_curve is issue 3's opt-in Figure-1 curve, counted apart so phase 2 itself stays at zero; phase2_in_group
+# counts a worker group's own data-parallel collectives (issue 9), never crossing workers.
+PHASES = ("setup", "phase1", "phase2", "phase2_in_group", "averaged_curve", "phase3", "evaluation", "report")
 
 
 def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
@@ -54,7 +56,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     `results` on the main process (None elsewhere)."""
     started = time.perf_counter()
     accelerator = make_accelerator(recipe.mixed_precision, log_with=tracking.log_with(recipe.tracking),
-                                   project_dir=str(run_dir / "tensorboard"))
+                                   project_dir=str(run_dir / "tensorboard"),
+                                   timeout_minutes=recipe.collective_timeout_minutes)
     counter = CollectiveCounter().install()
     rank, world = accelerator.process_index, accelerator.num_processes
     layout = recipe.worker_layout(world) if recipe.mode == "swap" else None
@@ -64,10 +67,13 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         if fresh:
-            discard_checkpoints(run_dir)
+            discard_outputs(run_dir)
         write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     if fresh:
         accelerator.wait_for_everyone()  # nobody looks for checkpoints to resume before they are gone
+    # Phase 3 meets every process; before it, they wait for each other on the run directory, not in a
+    # collective that would hang on a dead peer (issue 14, liveness.py). Started before any collective below.
+    heartbeat = Heartbeat(run_dir, rank) if layout else None
 
     train_data = load_data(recipe.data, accelerator.device, split="train")
     test_data = load_data(recipe.data, accelerator.device, split="test")
@@ -83,7 +89,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     module = accelerator.unwrap_model(model)
     tracking.start(accelerator, recipe, run_dir)
     log = Monitor(accelerator, recipe, counter, module, train_data, test_data, test_loader, Progress(accelerator),
-                  layout, group)
+                  layout, group, run_dir)
+    warn_ghost_batchnorm(recipe, module, world, accelerator)
     accelerator.print(
         f"swap_accel {__version__}: {recipe.mode} | {recipe.model.name} on {train_data.num_samples} train / "
         f"{test_data.num_samples} test samples | {world} process(es) on {accelerator.device} "
@@ -93,7 +100,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     )
     # Issue 4: re-running the same command continues from the newest good checkpoint of each part.
     ckpt = Checkpointer(run_dir, recipe, accelerator)
-    start = find_start(run_dir, recipe, accelerator.is_main_process)
+    # Rank 0 decides where the run resumes and tells the others (issue 14): every rank starts at the same step.
+    start = broadcast_object(find_start(run_dir, recipe) if accelerator.is_main_process else None, accelerator)
 
     # Phase 1: synchronized large-batch training to τ.
     with counter.phase("phase1"):
@@ -110,13 +118,17 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
             ckpt.save_end(module, "p1-end", "phase1-end", p1.steps,
                           {"result": dataclasses.asdict(p1), "source": str(start.phase1_end or run_dir)})
     rank_record = {"rank": rank, "phase1": {"steps": p1.steps, "epochs": p1.epochs,
-                                            "params": digest(flat_parameters(module))}}
+                                            "params": digest(flat_state(module))}}
     eval_start = time.perf_counter()
     # The last logging point may already have evaluated this very model (same weights, rank 0's BN buffers).
     p1_test_acc = p1.history[-1].get("test_acc") if p1.history else None
     if p1_test_acc is None:
         with counter.phase("evaluation"):
             p1_test_acc, _ = evaluate_shared(module, test_loader, accelerator)
+    if recipe.mode == "sgd":  # the baselines also after phase 3's BN recalibration (issue 14)
+        with counter.phase("evaluation"):
+            p1_test_acc_bn = evaluate_recalibrated(module, recipe, train_data, test_data, accelerator,
+                                                   loader=test_loader)
     eval_seconds = time.perf_counter() - eval_start
     tracking.log(accelerator, {"phase1/test_acc": p1_test_acc}, step=p1.steps)
     accelerator.print(f"phase 1 done: {p1.epochs} epochs, {p1.steps} steps, {p1.seconds:.1f} s, "
@@ -127,6 +139,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         "phase1": {"epochs": p1.epochs, "steps": p1.steps, "seconds": p1.seconds,
                    "monitoring_seconds": log.seconds["phase1"], "train_acc": p1.train_acc,
                    "train_loss": p1.train_loss, "reached_tau": p1.reached_tau, "test_acc": p1_test_acc,
+                   "test_acc_bn": p1_test_acc_bn if recipe.mode == "sgd" else None,
                    "global_batch_size": recipe.phase1.global_batch_size, "history": p1.history},
         "phase2": None, "phase3": None, "workers": [], "before_averaging": None, "after_averaging": None,
         "test_acc": p1_test_acc, "critical_path_steps": p1.steps,
@@ -134,22 +147,30 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
 
     if recipe.mode == "swap":
         # Phase 2: W workers refine their own copies; nothing crosses between workers.
-        with counter.phase("phase2"), peers_optional(f"rank {rank}"):
+        with counter.phase("phase2"):
             p2 = run_workers(module, recipe, layout, group, accelerator=accelerator, train_data=train_data,
                              test_data=test_data, log=log, ckpt=ckpt, counter=counter, run_dir=run_dir,
                              phase1=results["phase1"], phase1_params=rank_record["phase1"]["params"],
                              started=start.workers)
         rank_record["phase2"] = [{"worker": r.worker, "member": r.member, "steps": r.result.steps, "params": r.params,
-                                  "samples_per_epoch": r.result.samples_per_epoch,
+                                  "seconds": r.result.seconds, "samples_per_epoch": r.result.samples_per_epoch,
                                   "order_digests": r.result.order_digests} for r in p2.records]
 
         # Phase 3: average the workers' weights, recompute BN statistics, evaluate.
         p3_start = time.perf_counter()
-        lost = lambda: (  # noqa: E731  (only evaluated if a peer is gone)
-            f"phase 3 averages every worker but one is gone; workers {finished_workers(run_dir)} of {layout.workers} "
+        lost = lambda why: DistributedError(  # noqa: E731  (only built if a peer is gone)
+            f"phase 3 averages every worker but {why}; workers {finished_workers(run_dir)} of {layout.workers} "
             f"finished phase 2 ({run_dir}/checkpoints/p2-w*-end); rerun the same command to resume the others, or "
             f"average the finished ones: swap_accel average {run_dir} --recipe RECIPE --out DIR")
-        with counter.phase("phase3"), peers_required(lost):
+        heartbeat.arrive("phase3")
+        try:
+            wait_for_all(run_dir, world, "phase3", say=lambda m: accelerator.print(m, flush=True),
+                         explain=lambda ranks: f"ranks {ranks} stopped before reaching it (no heartbeat for "
+                                               f"{DEAD_AFTER_BEATS * BEAT_SECONDS:.0f} s)")
+        except RuntimeError as e:
+            raise lost(str(e)) from None
+        log.drain()  # every worker is done: the tracker gets all rows that were still in flight
+        with counter.phase("phase3"), peers_required(lambda: str(lost("one is gone"))):
             averaged = average_workers_(module, p2.local_sum, layout.workers, accelerator)
             bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
                                  batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
@@ -158,9 +179,10 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         with counter.phase("evaluation"):
             final_acc, counted = evaluate_shared(module, test_loader, accelerator)
         eval_seconds += time.perf_counter() - eval_start
-        log.final_point(final_acc)
+        log.final_point(final_acc, p1.epochs + p2.records[0].result.epochs, p1.steps + p2.records[0].result.steps)
         with counter.phase("report"):
-            workers = gathered_rows(p2.records, accelerator)
+            workers, histories = gathered_rows(p2.records, accelerator)
+            # Measured: the slowest process's phase 2, stragglers included (issue 14).
             p2_wall = gather_values(torch.tensor([p2.seconds], device=accelerator.device), accelerator).max().item()
         first = p2.records[0].result
         slowest = max(w["seconds"] for w in workers)
@@ -170,11 +192,12 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                        "workers": layout.workers, "processes_per_worker": layout.processes_per_worker,
                        "workers_per_process": layout.workers_per_process,
                        "per_worker_batch_size": recipe.phase2.per_worker_batch_size, "history": first.history,
-                       "workers_history": log.worker_history},
+                       "workers_history": log.workers_history(histories)},
             "averaged_curve": log.curve_summary(),
             "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "bn": bn},
             "workers": workers,
-            **averaging_summary([w["test_acc"] for w in workers], final_acc, counted),
+            **averaging_summary([w["test_acc"] for w in workers], final_acc, counted,
+                                [w["test_acc_bn"] for w in workers]),
             # What W devices would take (every worker at once), next to what this launch measured (issue 9).
             "training_seconds": {"measured": p1.seconds + p2_wall + p3_seconds,
                                  "parallel_equivalent": p1.seconds + slowest + p3_seconds},
@@ -195,6 +218,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     results["evaluation_seconds"] = eval_seconds
     results["total_seconds"] = time.perf_counter() - started
     accelerator.wait_for_everyone()
+    if heartbeat:
+        heartbeat.stop()
     if not accelerator.is_main_process:
         accelerator.end_training()
         return None

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from .checkpoints import save_weights
-from .distributed import CollectiveCounter, data_parallel, flat_parameters, gather_values
-from .evaluate import evaluate_local
+from .counting import CollectiveCounter
+from .distributed import broadcast_object, data_parallel, flat_state, gather_objects
+from .evaluate import evaluate_local, evaluate_recalibrated
 from .phase2 import Phase2Result, train_phase2
 from .recipe import Recipe
 from .resume import Checkpointer, find_worker_start, load_result
@@ -32,6 +33,7 @@ class WorkerRecord:
     worker: int
     member: int
     test_acc: float
+    test_acc_bn: float  # after the same BN recalibration as the averaged model
     result: Phase2Result
     params: str
 
@@ -55,6 +57,12 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
     rank = accelerator.process_index
     member, members = layout.member_of(rank), layout.processes_per_worker
     mine = layout.workers_of(rank)
+    # Where each worker resumes: its group's leader decides and tells the members (issue 14), so members that
+    # see the shared directory differently cannot start at different steps.
+    for worker in mine:
+        found = find_worker_start(run_dir, worker, leader=member == 0) if member == 0 else None
+        started[worker] = broadcast_object(found, accelerator, group) if group is not None else found
+        log.restore_worker(worker, started[worker].position(recipe.phase2.epochs)[1])
     # Sequential workers all start from phase 1's weights and buffers; one copy, kept on the device.
     origin = {k: v.detach().clone() for k, v in module.state_dict().items()} if len(mine) > 1 else None
     model = data_parallel(module, group, accelerator.device)
@@ -62,26 +70,21 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
     for worker in mine:
         if origin is not None:
             module.load_state_dict(origin)
-        start = find_worker_start(run_dir, worker, leader=member == 0)
-        started[worker] = start
-        # A resumed worker first replays the rows it logged before (with the accuracies measured then), so every
-        # process makes the same number of logging points, in order, and the curves cover the whole phase.
-        own_epoch, rows = start.position(recipe.phase2.epochs)
-        for row in rows[:own_epoch]:
-            log(dict(row))
+        start = started[worker]
         if start.end is None:
             p2 = train_phase2(model, module, train_data, recipe.phase2, recipe.optimizer, accelerator,
                               seed=recipe.seed, worker=worker, log=log, ckpt=ckpt, resume=start.step, group=group,
                               member=member, members=members)
         else:  # this worker finished before the run stopped
             p2 = load_result(start.end, module, Phase2Result)
-        test_acc = p2.history[-1].get("test_acc")  # evaluated at the last logging point, if it was due
-        if test_acc is None:
-            with counter.phase("evaluation"):
+        with counter.phase("evaluation"):
+            test_acc = p2.history[-1].get("test_acc")  # evaluated at the last logging point, if it was due
+            if test_acc is None:
                 test_acc = evaluate_local(module, test_data, recipe.eval.batch_size, accelerator, group, member,
                                           members)
-        record = WorkerRecord(worker, member, test_acc, p2, digest(flat_parameters(module)))
-        outcome.records.append(record)
+            test_acc_bn = evaluate_recalibrated(module, recipe, train_data, test_data, accelerator, group=group,
+                                                member=member, members=members)
+        outcome.records.append(WorkerRecord(worker, member, test_acc, test_acc_bn, p2, digest(flat_state(module))))
         log.end_worker(p2.steps)
         if member != 0:
             continue
@@ -92,20 +95,21 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
             ckpt.save_end(module, f"p2-w{worker}-end", "phase2-end", p2.steps,
                           {"worker": worker, "seed": recipe.seed, "members": members, "test_acc": test_acc,
                            "result": dataclasses.asdict(p2), "phase1": phase1, "phase1_params": phase1_params})
-        term = flat_parameters(module)
+        term = flat_state(module)
         outcome.local_sum = term if outcome.local_sum is None else outcome.local_sum.add_(term)
     if outcome.local_sum is None:
-        outcome.local_sum = torch.zeros_like(flat_parameters(module))
+        outcome.local_sum = torch.zeros_like(flat_state(module))
     return outcome
 
 
-def gathered_rows(records: list[WorkerRecord], accelerator) -> list[dict]:
-    """Every worker's row for results.json, one per worker (a group's members report the same numbers)."""
-    mine = torch.tensor([[r.worker, r.member, r.test_acc, r.result.train_acc, r.result.seconds, r.result.steps]
-                         for r in records], dtype=torch.float64, device=accelerator.device)
-    rows = {}
-    for worker, member, test_acc, train_acc, seconds, steps in gather_values(mine, accelerator).reshape(-1, 6).tolist():
+def gathered_rows(records: list[WorkerRecord], accelerator) -> tuple[list[dict], dict[int, list[dict]]]:
+    """Every worker's row for results.json, one per worker (a group's members report the same numbers), and every
+    worker's phase-2 history rows; one gather at the end, in place of any exchange during phase 2 (issue 14)."""
+    mine = [(r.worker, r.member, {"index": r.worker, "test_acc": r.test_acc, "test_acc_bn": r.test_acc_bn,
+                                  "train_acc": r.result.train_acc, "seconds": r.result.seconds,
+                                  "steps": r.result.steps}, r.result.history) for r in records]
+    rows, histories = {}, {}
+    for worker, member, row, history in (x for each in gather_objects(mine, accelerator) for x in each):
         if member == 0:
-            rows[int(worker)] = {"index": int(worker), "test_acc": test_acc, "train_acc": train_acc,
-                                 "seconds": seconds, "steps": int(steps)}
-    return [rows[k] for k in sorted(rows)]
+            rows[worker], histories[worker] = row, history
+    return [rows[k] for k in sorted(rows)], histories

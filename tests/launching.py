@@ -78,8 +78,9 @@ def train_command(recipe: Path, out: Path, *launcher: str) -> list[str]:
             "-m", "swap_accel", "train", str(recipe), "--out", str(out)]
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **ENV})
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, **ENV, **(env or {})})
 
 
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
@@ -88,6 +89,10 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
         assert proc.poll() is None, "the run ended before the kill point"
         assert time.monotonic() < deadline, "kill point not reached"
         time.sleep(0.02)
+    kill(proc)
+
+
+def kill(proc: subprocess.Popen) -> None:
     # The launcher starts its ranks in sessions of their own: SIGKILL the launcher and every rank at once, like
     # a preempted machine.
     processes = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
@@ -95,6 +100,12 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     psutil.wait_procs([p for p in map(_process, processes) if p], timeout=30)
+
+
+def hang(proc: subprocess.Popen) -> None:
+    """SIGSTOP a launcher's ranks: alive, holding their sockets, silent (a hung peer, which NCCL waits on)."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.send_signal(signal.SIGSTOP)
 
 
 def _process(pid: int) -> psutil.Process | None:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from launching import (
     ROOT,
     checkpoints,
     free_port,
+    hang,
+    kill,
     kill_when,
     launch,
     needs_fashion,
@@ -31,7 +34,7 @@ from safetensors.torch import load_file
 from swap_accel.checkpoints import verify_checkpoint
 
 pytestmark = needs_fashion
-def _all_committed_checkpoints_verify(out: Path) -> None:
+def all_committed_checkpoints_verify(out: Path) -> None:
     for path in checkpoints(out, "p*"):
         verify_checkpoint(path)  # a kill mid-write leaves only a hidden staging directory
 
@@ -55,7 +58,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, 
     kill_when(start(cmd, tmp_path / "killed.log"),
                lambda: any(int(p.name.rsplit("step", 1)[1]) >= step for p in checkpoints(out, pattern)))
     assert not (out / "results.json").exists()
-    _all_committed_checkpoints_verify(out)
+    all_committed_checkpoints_verify(out)
     if phase == 2:
         assert checkpoints(out, "p1-end")  # so the rerun does not repeat phase 1
 
@@ -71,8 +74,8 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, 
     assert mine["phase1"]["steps"] == ref["phase1"]["steps"] and mine["test_acc"] == ref["test_acc"]
     # Issue 3's per-worker curves survive the resume too (replayed rows keep the accuracy they were logged with).
     def curves(results):
-        return [[(w["train_loss"], w["train_acc"], w["test_acc"]) for w in row["workers"]]
-                for row in results["phase2"]["workers_history"]]
+        return [(w["worker"], w["step"], w["train_loss"], w["train_acc"], w["test_acc"])
+                for w in results["phase2"]["workers_history"]]
     assert curves(mine) == curves(ref)
 
 
@@ -98,25 +101,36 @@ def test_average_of_a_whole_run_equals_its_phase3(reference, tmp_path):
     assert report.returncode == 0 and "SWAP (after averaging)" in report.stdout, report.stderr[-3000:]
 
 
-def test_two_machines_on_loopback_survive_a_dead_worker(reference, tmp_path, data_cache):
-    """Two launchers, one process each (--num_machines 2), as on two nodes. Machine 1 dies in phase 2; the
-    survivor needs nobody in phase 2, finishes it, checkpoints it and stops only at phase 3's average."""
+def test_two_machines_on_loopback_survive_a_hung_worker(reference, tmp_path, data_cache):
+    """Two launchers, one process each (--num_machines 2), as on two nodes. Machine 1 hangs in phase 2 (SIGSTOP:
+    alive and silent, what a NCCL collective would wait on until its watchdog fires). The survivor makes no
+    collective in phase 2 (issue 14), finishes and checkpoints its worker, then waits for phase 3 on the run
+    directory, finds machine 1's heartbeat stale and stops with one line, before any collective could hang."""
     recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 5}), tmp_path / "run"
+    beat = {"SWAP_ACCEL_HEARTBEAT_SECONDS": "0.5"}  # stale after 12 beats: 6 s
 
     def machines(port: int) -> list[list[str]]:
         return [train_command(recipe, out, "--num_machines", "2", "--machine_rank", str(m), "--num_processes", "2",
-                         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)) for m in (0, 1)]
+                              "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)) for m in (0, 1)]
 
     first = machines(free_port())
-    survivor = start(first[0], tmp_path / "machine0.log")
-    victim = start(first[1], tmp_path / "machine1.log")
-    kill_when(victim, lambda: bool(checkpoints(out, "p2-w1-step*")))
-    assert survivor.wait(timeout=240) != 0
+    survivor = start(first[0], tmp_path / "machine0.log", beat)
+    victim = start(first[1], tmp_path / "machine1.log", beat)
+    deadline = time.monotonic() + 240
+    while not checkpoints(out, "p2-w1-step*"):
+        assert victim.poll() is None and time.monotonic() < deadline, "kill point not reached"
+        time.sleep(0.02)
+    hang(victim)
+    try:
+        assert survivor.wait(timeout=240) != 0  # the rank exits 2; its launcher reports that as 1
+    finally:
+        kill(victim)
     log = (tmp_path / "machine0.log").read_text()
-    assert "phase 2 continues alone" in log
-    assert "error: phase 3 averages every worker but one is gone; workers [0] of 2 finished phase 2" in log, log[-3000:]
+    assert "waiting for ranks [1] to finish phase 2" in log, log[-3000:]
+    assert ("error: phase 3 averages every worker but ranks [1] stopped before reaching it (no heartbeat for 6 s); "
+            "workers [0] of 2 finished phase 2") in log, log[-3000:]
     assert f'File "{ROOT / "swap_accel"}' not in log  # one line from the rank (the launcher adds its own report)
-    _all_committed_checkpoints_verify(out)
+    all_committed_checkpoints_verify(out)
 
     # The survivor's finished checkpoint is enough for `average` (phase 3 on any set of workers).
     avg = subprocess.run([sys.executable, "-m", "swap_accel", "average", str(out), "--recipe", str(recipe),

@@ -85,10 +85,12 @@ def test_workers_diverge_in_phase2(run):
 
 def test_phase2_makes_zero_collectives(run):
     assert run["results"]["collectives"]["phase2"]["calls"] == 0
-    # Everything the phase-2 loop reaches through its logger is labelled apart; pin those labels down too:
-    # exactly one small metrics gather per epoch, and no averaged-curve work with the default "end".
-    assert run["results"]["collectives"]["phase2_logging"]["calls"] == run["recipe"].phase2.epochs
+    # Everything the phase-2 loop reaches through its logger is labelled apart; pin those labels down too: no
+    # averaged-curve work with the default "end", no collective in a worker of one process (issue 14: monitoring
+    # goes through files), and each worker's own evaluations make none either.
     assert run["results"]["collectives"]["averaged_curve"]["calls"] == 0
+    assert run["results"]["collectives"]["phase2_in_group"]["calls"] == 0
+    assert "phase2_logging" not in run["results"]["collectives"]
     assert all(rank["collectives"].get("phase2", {"calls": 0})["calls"] == 0 for rank in run["ranks"])
     # ... while phase 1 and 3 really communicate (the counter sees collectives at all).
     assert run["results"]["collectives"]["phase1"]["calls"] > 0
