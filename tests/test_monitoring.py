@@ -211,6 +211,8 @@ def test_none_imports_no_tracker(untracked):
     out, result = untracked
     assert "NEW_TRACKER_MODULES [] None" in result.stdout, result.stdout[-2000:]
     assert (out / "results.json").exists() and not (out / "wandb").exists() and not (out / "tensorboard").exists()
+    # Issue 14: a baseline is reported also after phase 3's BN recalibration.
+    assert 0 < json.loads((out / "results.json").read_text())["phase1"]["test_acc_bn"] <= 1
 
 
 def test_report_prints_both_runs_side_by_side(tracked, untracked):

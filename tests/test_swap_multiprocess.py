@@ -64,6 +64,32 @@ def test_results_contract(run2):
     assert r["before_averaging"]["mean"] == pytest.approx(sum(accs) / len(accs))
     assert (run2["out"] / "recipe.yaml").exists() and (run2["out"] / "model.safetensors").exists()
     assert "SWAP (after averaging)" in run2["stdout"]  # the Table-1 style summary
+    # Issue 14: micro-batches of 42 < the per-process batch of 126 with a BN model are ghost BatchNorm, said once.
+    assert run2["stdout"].count("ghost BatchNorm") == 1
+    # Phase-2 seconds are the slowest process's (stragglers included), not rank 0's.
+    assert r["phase2"]["seconds"] == max(sum(w["seconds"] for w in rank["phase2"]) for rank in run2["ranks"])
+
+
+def test_workers_are_also_reported_after_phase3s_bn_recalibration(run2):
+    """Issue 14: "after - before" must measure averaging, not the BN re-estimation only the average got. Worker 0's
+    recalibrated accuracy is recomputed here from its saved weights with the same samples, independently."""
+    from accelerate import Accelerator
+
+    from swap_accel.bn import recalibrate_bn_
+    from swap_accel.evaluate import evaluate_local
+
+    recipe, r = run2["recipe"], run2["results"]
+    module = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8})
+    module.load_state_dict(load_file(run2["out"] / "workers" / "worker0.safetensors"))
+    accelerator = Accelerator(cpu=True)
+    recalibrate_bn_(module, load_data(recipe.data, torch.device("cpu"), split="train"), accelerator,
+                    samples=recipe.eval.bn_samples, batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
+    acc = evaluate_local(module, load_data(recipe.data, torch.device("cpu"), split="test"), 64, accelerator)
+    assert r["workers"][0]["test_acc_bn"] == pytest.approx(acc, abs=2 / 500)  # thread count may move a sample
+    bn = [w["test_acc_bn"] for w in r["workers"]]
+    assert r["before_averaging_bn"]["mean"] == pytest.approx(sum(bn) / len(bn))
+    assert r["averaging_gain"]["vs_recalibrated_workers"] == pytest.approx(r["test_acc"] - sum(bn) / len(bn))
+    assert any("BN recomputed" in line for line in run2["stdout"].splitlines())
 
 
 def test_phase1_params_bitwise_identical_across_ranks(run):
