@@ -183,7 +183,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         with counter.phase("report"):
             workers, histories = gathered_rows(p2.records, accelerator)
             # Measured: the slowest process's phase 2, stragglers included (issue 14).
-            p2_wall = gather_values(torch.tensor([p2.seconds], device=accelerator.device), accelerator).max().item()
+            p2_wall = gather_values(torch.tensor([p2.seconds], dtype=torch.float64, device=accelerator.device),
+                                    accelerator).max().item()
         first = p2.records[0].result
         slowest = max(w["seconds"] for w in workers)
         results.update({
