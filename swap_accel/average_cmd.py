@@ -21,8 +21,8 @@ from .checkpoints import (
     CheckpointError,
     load_weights_into,
     save_weights,
-    sha256_file,
     verify_checkpoint,
+    weights_identity,
     write_json,
     write_text,
 )
@@ -147,7 +147,7 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     }
     write_text(out / "recipe.yaml", dump_recipe(recipe))
     save_weights(out / "model.safetensors", module, {"name": recipe.name, "test_acc": str(final_acc)})
-    results["model_sha256"] = sha256_file(out / "model.safetensors")
+    results.update(weights_identity(out / "model.safetensors"))
     write_json(out / "results.json", results)
     print_table([results])
     accelerator.end_training()

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -62,6 +63,21 @@ def save_weights(path: Path, module: torch.nn.Module, metadata: dict[str, str] |
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def tensors_sha256(path: Path) -> str:
+    """Identifies the weights, not the file (issue 13): safetensors writes its JSON header in no fixed order, so
+    two files of bitwise-equal tensors can differ in sha256. Names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(load_weights(path).items()):
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, 0-d included
+    return h.hexdigest()
+
+
+def weights_identity(path: Path) -> dict[str, str]:
+    """results.json's claim about a weights file: what the tensors are, and the file's own checksum (integrity)."""
+    return {"model_sha256": tensors_sha256(path), "model_file_sha256": sha256_file(path)}
 
 
 # ----------------------------------------------------------------------------------- checkpoints (issue 4)
@@ -143,8 +159,12 @@ def load_state(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refusing to load: it is not a plain tensor/number file "
-                              f"({str(e).splitlines()[0]}); use checkpoints written by swap_accel") from None
+        # torch's own message goes on to suggest weights_only=False, i.e. running the file's code (issue 13):
+        # only the object it refused is passed on.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"it refers to {found.group(1)}" if found else "it is not a plain tensor/number file"
+        raise CheckpointError(f"{path}: refusing to load: {what}, which could run code; use checkpoints "
+                              "written by swap_accel") from None
 
 
 def load_weights_into(module: torch.nn.Module, path: Path) -> None:

@@ -44,7 +44,15 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_dir_for(recipe, out: Path | None) -> Path:
-    return Path(out or recipe.output_dir or Path("runs") / recipe.name)
+    if out or recipe.output_dir:
+        return Path(out or recipe.output_dir)  # an explicit directory anywhere is the user's choice
+    # The default runs/<name> must stay inside runs/ (issue 13): no separators, no "..", no hidden or home names.
+    if not recipe.name or any(c in recipe.name for c in "/\\") or recipe.name[0] in ".~":
+        from .recipe import RecipeError
+
+        raise RecipeError(f"name {recipe.name!r} is not a plain name and would put the run directory outside "
+                          "runs/; use letters, digits, '-', '_' or '.' (not first), or pass --out DIR")
+    return Path("runs") / recipe.name
 
 
 def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: Path | None, overwrite: bool):
@@ -68,6 +76,7 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
     run_dir = run_dir_for(recipe, out)
     check_run_dir(recipe, run_dir, num_processes, overwrite)
     prepare_data(recipe.data)
+    recipe.check_data(load_data(recipe.data, torch.device("cpu"), split="train").num_samples)
     test = load_data(recipe.data, torch.device("cpu"), split="test")
     check_model_input(recipe.model.name, recipe.model.kwargs, in_chans=test.in_chans, num_classes=test.num_classes,
                       image_size=test.image_size)

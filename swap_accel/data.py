@@ -468,6 +468,11 @@ def _check_size(cfg: DataConfig, images: Tensor) -> None:
     if cfg.image_size is not None and images.shape[2:] != (cfg.image_size, cfg.image_size):
         raise DataError(f"data.image_size={cfg.image_size} but the in-memory images are "
                         f"{images.shape[2]}x{images.shape[3]}; remove data.image_size or set data.in_memory: false")
+    side = min(images.shape[2:])
+    for key, value in (("cutout_size", cfg.augment.cutout_size), ("crop_padding", cfg.augment.crop_padding)):
+        if value >= side and value > 0:  # a hole or a shift as large as the image leaves nothing of it (issue 13)
+            raise DataError(f"data.augment.{key}={value} is not smaller than the {images.shape[2]}x{images.shape[3]} "
+                            f"images; use less than {side} (0 turns it off)")
 
 
 def prepare_data(cfg: DataConfig) -> None:

@@ -11,6 +11,7 @@ of decisions one rank takes for all. `counting` counts every one of them per pha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from datetime import timedelta
 
@@ -43,6 +44,15 @@ def require_one_group(accelerator: Accelerator) -> None:
         )
 
 
+@dataclasses.dataclass
+class _DDPKwargs(DistributedDataParallelKwargs):
+    """Accelerate 1.15 forwards `broadcast_buffers`, which torch deprecates with a FutureWarning in every process
+    of every run (issue 13); torch's current name is `forward_sync_buffers`. False keeps one sync at DDP's
+    construction, where every rank holds the same seeded buffers anyway, and none before each forward."""
+
+    forward_sync_buffers: bool = True
+
+
 def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, project_dir: str | None = None,
                      timeout_minutes: float = 30.0) -> Accelerator:
     """An Accelerator that is one real group whenever WORLD_SIZE > 1, on GPUs or CPU-only.
@@ -60,10 +70,11 @@ def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, p
     # changes nothing we use. Running statistics do not enter training-mode forwards, rank 0's own buffers
     # evolve the same either way, and every reader (evaluation, phase-1 end, checkpoints on rank 0) takes
     # rank 0's through `broadcast_buffers_` first, so the results are bitwise the same with one fewer sync.
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     group = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
-                              kwargs_handlers=[ddp, group])
+                              kwargs_handlers=[group])
+    # Accelerate takes its DDP handler by exact class, so it is set after construction, before any prepare.
+    accelerator.ddp_handler = _DDPKwargs(forward_sync_buffers=False)
     require_one_group(accelerator)
     return accelerator
 

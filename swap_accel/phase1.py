@@ -22,7 +22,7 @@ from .bn import bn_layers
 from .checkpoints import load_state, load_weights_into
 from .data import DataSource
 from .distributed import all_reduce_sum, all_true
-from .recipe import OptimizerConfig, Phase1Config, RecipeError
+from .recipe import OptimizerConfig, Phase1Config
 from .resume import Checkpointer, restore_loop
 from .sampling import AUGMENT, derive_seed, phase1_shard
 from .schedules import make_schedule
@@ -98,12 +98,7 @@ def train_phase1(
     per_process = cfg.global_batch_size // p
     micro = cfg.micro_batch_size or per_process
     accumulation = per_process // micro
-    steps_per_epoch = source.num_samples // cfg.global_batch_size
-    if steps_per_epoch == 0:
-        raise RecipeError(
-            f"phase1.global_batch_size={cfg.global_batch_size} exceeds the {source.num_samples} training samples; "
-            "lower it or use more data"
-        )
+    steps_per_epoch = source.num_samples // cfg.global_batch_size  # >= 1: Recipe.check_data
     lr_at = make_schedule(cfg.lr, epochs=cfg.max_epochs, steps_per_epoch=steps_per_epoch)
     augment_gen = torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, AUGMENT, 1, rank))
     random.seed(derive_seed(seed, AUGMENT, 1, rank))  # timm's streaming transforms draw from Python's RNG

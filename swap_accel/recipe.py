@@ -23,7 +23,8 @@ class RecipeError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False (issue 13): `.inf`/`nan` for a learning rate or weight decay is a one-line error.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(Strict):
@@ -204,6 +205,15 @@ class Recipe(Strict):
                 )
         return self
 
+    def check_data(self, train_samples: int) -> None:
+        """Checks that need the training-set size (issue 13); run before any process group forms."""
+        for key, value in (("phase1.global_batch_size", self.phase1.global_batch_size),
+                           ("phase2.per_worker_batch_size", self.phase2 and self.phase2.per_worker_batch_size),
+                           ("eval.bn_samples", self.eval.bn_samples)):
+            if value and value > train_samples:
+                raise RecipeError(f"{key}={value} exceeds the {train_samples} training samples; lower it "
+                                  "or use more data (data.train_subset)")
+
     def check_processes(self, num_processes: int) -> None:
         """Checks that need the process count; run before any process group forms."""
         b1 = self.phase1.global_batch_size
@@ -252,6 +262,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         return f"{source}: {loc}: {msg}; {fix}"
     if first["type"] == "missing":
         return f"{source}: {loc}: required key is missing; add it to the recipe"
+    if first["type"] == "finite_number":
+        msg = "must be a finite number"
     return f"{source}: {loc}: {msg} (got {first.get('input')!r}); fix the value in the recipe or --set"
 
 

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from . import __version__, figure, tracking
 from .bn import recalibrate_bn_
-from .checkpoints import save_weights, sha256_file, write_json, write_text
+from .checkpoints import save_weights, weights_identity, write_json, write_text
 from .counting import CollectiveCounter
 from .data import load_data
 from .distributed import (
@@ -76,6 +76,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     heartbeat = Heartbeat(run_dir, rank) if layout else None
 
     train_data = load_data(recipe.data, accelerator.device, split="train")
+    recipe.check_data(train_data.num_samples)  # also in the CLI's preflight; here for train() called directly
     test_data = load_data(recipe.data, accelerator.device, split="test")
     module = build_model(recipe.model.name, in_chans=train_data.in_chans, num_classes=train_data.num_classes,
                          kwargs=recipe.model.kwargs)
@@ -90,7 +91,6 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     tracking.start(accelerator, recipe, run_dir)
     log = Monitor(accelerator, recipe, counter, module, train_data, test_data, test_loader, Progress(accelerator),
                   layout, group, run_dir)
-    warn_ghost_batchnorm(recipe, module, world, accelerator)
     accelerator.print(
         f"swap_accel {__version__}: {recipe.mode} | {recipe.model.name} on {train_data.num_samples} train / "
         f"{test_data.num_samples} test samples | {world} process(es) on {accelerator.device} "
@@ -98,6 +98,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         f"{f' | phase 2: {layout.describe()}' if layout else ''} | run dir {run_dir}",
         flush=True,
     )
+    warn_ghost_batchnorm(recipe, module, world, accelerator)
     # Issue 4: re-running the same command continues from the newest good checkpoint of each part.
     ckpt = Checkpointer(run_dir, recipe, accelerator)
     # Rank 0 decides where the run resumes and tells the others (issue 14): every rank starts at the same step.
@@ -225,7 +226,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         accelerator.end_training()
         return None
     save_weights(run_dir / "model.safetensors", module, {"name": recipe.name, "test_acc": str(results["test_acc"])})
-    results["model_sha256"] = sha256_file(run_dir / "model.safetensors")  # results.json, written last, vouches for it
+    results.update(weights_identity(run_dir / "model.safetensors"))  # results.json, written last, vouches for it
     log.progress.close()
     results["figure"] = figure.save(results, run_dir / "figure1.png").name
     write_json(run_dir / "results.json", results)

@@ -122,6 +122,20 @@ def cases(tmp_path_factory, data_cache):
         (["average", str(truncated.parent / "flipped"), "--recipe", b, "--out", "x"], {}, "checksum"),
         (["average", str(unfinished), "--recipe", b, "--out", "x"], {}, "no worker finished phase 2"),
         (["average", str(other_model), "--recipe", b, "--out", "x"], {}, "not a phase-2 worker's"),
+        # Issue 13: inputs that used to slip through.
+        (train + ["x", "--set", "phase2.lr.peak=.inf"], {}, "phase2.lr.peak: must be a finite number"),
+        (train + ["x", "--set", "optimizer.weight_decay=nan"], {}, "optimizer.weight_decay: must be a finite number"),
+        (train + ["x", "--set", "phase1.lr.warmup_epochs=inf"], {}, "phase1.lr.warmup_epochs: must be a finite"),
+        (["train", b, "--set", "name=../../escape"], {}, "name '../../escape' is not a plain name"),
+        (["train", b, "--set", "name=/etc"], {}, "would put the run directory outside runs/"),
+        (train + ["x", "--set", "data.augment.cutout_size=40"], {}, "cutout_size=40 is not smaller than the 28x28"),
+        (train + ["x", "--set", "data.augment.crop_padding=28"], {}, "crop_padding=28 is not smaller than the 28x28"),
+        (train + ["x", "--set", "phase2.per_worker_batch_size=5000"], {},
+         "phase2.per_worker_batch_size=5000 exceeds the 2048 training samples"),
+        (train + ["x", "--set", "eval.bn_samples=4000"], {}, "eval.bn_samples=4000 exceeds the 2048 training samples"),
+        (train + ["x", "--set", "phase1.global_batch_size=4200", "--set", "phase1.micro_batch_size=null"], {},
+         "phase1.global_batch_size=4200 exceeds the 2048 training samples"),
+        (train + ["x", "--set", "data.train_subset=70000"], {}, "data.train_subset=70000 exceeds the 60000 samples"),
     ]
 
 
@@ -151,9 +165,12 @@ def test_a_crafted_pickle_is_refused_not_run(tmp_path):
 
     state = tmp_path / "state.pt"
     state.write_bytes(pickle.dumps({"optimizer": Payload()}, protocol=2))
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match="refusing to load") as refused:
         load_state(state)
     assert not marker.exists()
+    # The message names what was refused and never passes on torch's advice to load with weights_only=False.
+    assert "it refers to getattr, which could run code" in str(refused.value)
+    assert "weights_only" not in str(refused.value)
     # The same loader still reads a legitimate state file (tensors and plain containers).
     torch.save({"totals": torch.zeros(4), "history": [{"epoch": 1}]}, state)
     assert load_state(state)["history"] == [{"epoch": 1}]
@@ -185,3 +202,28 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                                               kwargs={"base_width": 8}).named_parameters()}
     for k in kept:  # every kept checkpoint holds finite weights (BN running statistics may overflow first)
         assert all(torch.isfinite(t).all() for n, t in load_file(k / "model.safetensors").items() if n in params)
+
+
+def test_an_explicit_out_keeps_any_name_and_the_default_stays_in_runs(tmp_path, data_cache):
+    from swap_accel.cli import run_dir_for
+
+    recipe = load_recipe(tiny_recipe(tmp_path, data_cache), ["name=../elsewhere"])
+    assert run_dir_for(recipe, tmp_path / "mine") == tmp_path / "mine"  # --out anywhere is the user's choice
+    assert run_dir_for(load_recipe(tiny_recipe(tmp_path, data_cache), ["name=v1.2_run-a"]), None) == \
+        Path("runs") / "v1.2_run-a"
+
+
+def test_model_sha256_identifies_the_tensors_not_the_file(tmp_path):
+    """Issue 13: two files of bitwise-equal tensors whose safetensors headers differ report one model_sha256; the
+    file checksum stays under its own name, for integrity."""
+    from swap_accel.checkpoints import weights_identity
+
+    module = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8})
+    save_weights(tmp_path / "a.safetensors", module, {"name": "a", "test_acc": "0.5"})
+    save_weights(tmp_path / "b.safetensors", module, {"test_acc": "0.5", "name": "b", "extra": "1"})
+    a, b = (weights_identity(tmp_path / f"{x}.safetensors") for x in "ab")
+    assert a["model_sha256"] == b["model_sha256"] and a["model_file_sha256"] != b["model_file_sha256"]
+    with torch.no_grad():
+        next(module.parameters()).view(-1)[0] += 1e-6  # one value, one ulp-scale change: another model
+    save_weights(tmp_path / "c.safetensors", module, {"name": "a", "test_acc": "0.5"})
+    assert weights_identity(tmp_path / "c.safetensors")["model_sha256"] != a["model_sha256"]
