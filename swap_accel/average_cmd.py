@@ -96,7 +96,7 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     train_data = load_data(recipe.data, accelerator.device, split="train")
     test_data = load_data(recipe.data, accelerator.device, split="test")
     module = build_model(recipe.model.name, in_chans=train_data.in_chans, num_classes=train_data.num_classes,
-                         kwargs=recipe.model.kwargs).to(accelerator.device)
+                         kwargs=recipe.model.kwargs, image_size=train_data.image_size).to(accelerator.device)
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
     rows, total = [], None
     for path, manifest in workers:

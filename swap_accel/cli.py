@@ -65,7 +65,8 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
     from .rundir import check_run_dir
     from .tracking import check_backend
 
-    recipe = load_recipe(recipe_path, overrides or [])
+    notes: list[str] = []
+    recipe = load_recipe(recipe_path, overrides or [], notes)
     recipe.check_processes(num_processes)
     check_backend(recipe.tracking)
     t = recipe.tracking
@@ -80,6 +81,9 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
     test = load_data(recipe.data, torch.device("cpu"), split="test")
     check_model_input(recipe.model.name, recipe.model.kwargs, in_chans=test.in_chans, num_classes=test.num_classes,
                       image_size=test.image_size)
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(note, file=sys.stderr, flush=True)
     return recipe, run_dir
 
 

@@ -11,7 +11,7 @@ import difflib
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from torch import nn
 
 
@@ -88,10 +88,18 @@ def check_model_name(name: str) -> None:
     raise ModelError(f"unknown model '{name}'; {hint}")
 
 
-def build_model(name: str, *, in_chans: int, num_classes: int, kwargs: dict | None = None) -> nn.Module:
+def build_model(name: str, *, in_chans: int, num_classes: int, kwargs: dict | None = None,
+                image_size: tuple[int, int] | None = None) -> nn.Module:
+    """`image_size` (the data's H, W): a model whose timm config fixes its input size (ViT-style `img_size`) is built
+    for the data's size instead of its default (issue 13), unless model.kwargs sets img_size itself."""
     check_model_name(name)
+    kwargs = dict(kwargs or {})
+    cfg = get_pretrained_cfg(name)
+    if image_size and cfg is not None and cfg.fixed_input_size and "img_size" not in kwargs \
+            and tuple(cfg.input_size[1:]) != tuple(image_size):
+        kwargs["img_size"] = tuple(image_size)
     try:
-        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **(kwargs or {}))
+        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **kwargs)
     except TypeError as e:
         raise ModelError(f"model '{name}' rejected model.kwargs {kwargs}: {e}; fix model.kwargs in the recipe") \
             from None
@@ -102,7 +110,7 @@ def check_model_input(name: str, kwargs: dict, *, in_chans: int, num_classes: in
     fails before any process group starts instead of at its first step (issue 4)."""
     try:
         with torch.device("meta"):
-            build_model(name, in_chans=in_chans, num_classes=num_classes, kwargs=kwargs).eval()(
+            build_model(name, in_chans=in_chans, num_classes=num_classes, kwargs=kwargs, image_size=image_size).eval()(
                 torch.empty(2, in_chans, *image_size))
     except ModelError:
         raise

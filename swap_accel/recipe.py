@@ -305,7 +305,21 @@ def apply_override(raw: dict, assignment: str) -> None:
         node = node[part]
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+def _drop_foreign_kwargs(raw: dict, written: dict, overrides: list[str]) -> str | None:
+    """model.kwargs belong to the recipe's model (the quickstart's `base_width` is ResNet-9's): `--set model.name=X`
+    without `--set model.kwargs...` builds X with its own defaults instead of passing them on (issue 13)."""
+    keys = [a.split("=", 1)[0].strip() for a in overrides]
+    name = (raw.get("model") or {}).get("name")
+    if "model.name" in keys and name != written.get("name", "resnet9") and written.get("kwargs") \
+            and not any(k.startswith("model.kwargs") for k in keys):
+        raw["model"]["kwargs"] = {}
+        return (f"note: model.kwargs {written['kwargs']} belong to {written.get('name', 'resnet9')}, not passed to "
+                f"{name} (set them with --set model.kwargs=...)")
+    return None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), notes: list[str] | None = None) -> Recipe:
+    """`notes` collects what the overrides changed beyond themselves (the CLI prints them once the recipe passed)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path} not found; pass a YAML file such as recipes/fashion_mnist.yaml")
@@ -316,8 +330,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: the recipe must be a mapping of sections (model:, data:, phase1: ...)")
     raw.setdefault("name", path.stem)
+    written = dict(raw.get("model") or {})
     for assignment in overrides:
         apply_override(raw, assignment)
+    note = _drop_foreign_kwargs(raw, written, overrides)
+    if note and notes is not None:
+        notes.append(note)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:

@@ -79,7 +79,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     recipe.check_data(train_data.num_samples)  # also in the CLI's preflight; here for train() called directly
     test_data = load_data(recipe.data, accelerator.device, split="test")
     module = build_model(recipe.model.name, in_chans=train_data.in_chans, num_classes=train_data.num_classes,
-                         kwargs=recipe.model.kwargs)
+                         kwargs=recipe.model.kwargs, image_size=train_data.image_size)
     if recipe.model.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if recipe.model.compile:

@@ -68,3 +68,24 @@ def test_sgd_mode_and_finished_run_protection(tmp_path, data_cache):
     again = launch(2, recipe, out)
     assert again.returncode != 0 and "already holds a finished run" in again.stderr
     assert (out / "results.json").read_bytes() == before
+
+
+@needs_fashion
+def test_set_model_name_swaps_any_timm_family_into_the_quickstart_recipe(tmp_path, data_cache):
+    """Issue 13: the quickstart's ResNet-9 width does not leak into another model; a ViT is built for the data's
+    28x28 images; a model that really cannot take them (ConvNeXt downsamples 32x) is refused for that reason."""
+    for name in ("resnet18", "mobilenetv3_small_050", "efficientnet_b0", "vit_tiny_patch16_224"):
+        result = swap_accel("validate", "recipes/fashion_mnist.yaml", "--set", f"model.name={name}")
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        assert "kwargs: {}" in result.stdout and "belong to resnet9, not passed to" in result.stderr, name
+    refused = swap_accel("validate", "recipes/fashion_mnist.yaml", "--set", "model.name=convnext_atto")
+    assert refused.returncode == 2 and "cannot take the data's 1x28x28 images" in refused.stderr
+    assert "base_width" not in refused.stderr.splitlines()[-1]  # the real cause, not ResNet-9's option
+    # ... and the swapped model trains through all three phases with real processes (tiny subset).
+    recipe = tiny_recipe(tmp_path, data_cache, data={"train_subset": 504, "test_subset": 200},
+                         phase1={"max_epochs": 1}, phase2={"epochs": 1}, eval={"bn_samples": 500})
+    out = tmp_path / "run"
+    result = launch(2, recipe, out, "--set", "model.name=resnet18")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["model"] == "resnet18" and r["recipe"]["model"]["kwargs"] == {} and 0 < r["test_acc"] <= 1

@@ -165,7 +165,8 @@ def test_figure_png_and_worker_series(tracked):
 def _single_process(tmp_path, data_cache, backend: str, script: str) -> tuple:
     """A small single-process `mode: sgd` run (no launcher), trained by `script`."""
     recipe = tiny_recipe(tmp_path, data_cache, name=f"sgd_{backend}", mode="sgd", tracking={"backend": backend},
-                         data={"train_subset": 504, "test_subset": 200}, phase1={"max_epochs": 2})
+                         data={"train_subset": 504, "test_subset": 200}, phase1={"max_epochs": 2},
+                         eval={"bn_samples": 500})
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, **OFFLINE, "RECIPE": str(recipe), "OUT": str(out)})
