@@ -1,4 +1,4 @@
-"""Command line: `train`, `validate`, `average`, `report`, `models` (typer).
+"""Command line: `train`, `validate`, `average`, `report`, `export`, `models` (typer).
 
 Everything that can be checked before a process group forms is checked here first (recipe,
 process count, model name, data files, output directory), so a typo costs seconds, not a
@@ -178,6 +178,27 @@ def report(
     print_table(runs)
     for run_dir, results in zip(run_dirs, runs, strict=True):
         print(f"Figure 1: {save(results, run_dir / 'figure1.png')}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (results.json, model.safetensors).")],
+    out: Annotated[Path, typer.Argument(help="Folder to write: config.json, model.safetensors, README.md.")],
+    push: Annotated[str | None, typer.Option(help="Upload the folder to this Hugging Face hub repo id.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Write into an existing, non-empty folder.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Export the averaged model the way timm models are shared: timm.create_model('local-dir:OUT', pretrained=True)
+    loads it, `--push` uploads it (issue 13)."""
+    try:
+        from .export import export as run
+
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass --overwrite or choose another folder")
+        run(run_dir, out, push)
+    except _known_errors() as e:
+        _fail(str(e), debug)
+    print(f"exported {run_dir} to {out}: timm.create_model('local-dir:{out}', pretrained=True) loads it")
 
 
 @app.command()

@@ -40,7 +40,8 @@ class ResNet9(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 3, base_width: int = 64, scale: float = 0.125):
         super().__init__()
         w = [base_width, 2 * base_width, 4 * base_width, 8 * base_width]
-        self.num_classes, self.num_features, self.scale = num_classes, w[3], scale
+        # in_chans as an attribute, as timm's models keep it: timm's export (save_for_hf) reads the channels from it.
+        self.num_classes, self.in_chans, self.num_features, self.scale = num_classes, in_chans, w[3], scale
         self.prep = _conv_bn(in_chans, w[0])
         self.layer1 = nn.Sequential(_conv_bn(w[0], w[1]), nn.MaxPool2d(2), _Residual(w[1]))
         self.layer2 = nn.Sequential(_conv_bn(w[1], w[2]), nn.MaxPool2d(2))
@@ -74,9 +75,13 @@ default_cfgs = generate_default_cfgs(
 
 @register_model
 def resnet9(pretrained: bool = False, **kwargs) -> ResNet9:
-    if pretrained:
-        raise ModelError("resnet9 has no pretrained weights; set pretrained false (SWAP trains from scratch)")
-    return build_model_with_cfg(ResNet9, "resnet9", pretrained=False, **kwargs)
+    # Weights exist only where a pretrained_cfg names a source: a `swap_accel export` folder loaded with
+    # timm.create_model('local-dir:DIR' or 'hf-hub:ID', pretrained=True) (issue 13).
+    source = kwargs.get("pretrained_cfg") or {}
+    if pretrained and not any(source.get(k) for k in ("source", "file", "url", "hf_hub_id", "state_dict")):
+        raise ModelError("resnet9 has no pretrained weights of its own; load a `swap_accel export` folder with "
+                         "timm.create_model('local-dir:DIR', pretrained=True), or set pretrained false")
+    return build_model_with_cfg(ResNet9, "resnet9", pretrained=pretrained, **kwargs)
 
 
 def check_model_name(name: str) -> None:

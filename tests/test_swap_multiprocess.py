@@ -220,3 +220,32 @@ def test_compiled_model_runs_all_three_phases_with_plain_checkpoints(tmp_path, d
     expected = set(build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8}).state_dict())
     for path in [out / "model.safetensors", *(out / "workers").glob("worker*.safetensors")]:
         assert set(load_file(path)) == expected, path
+
+
+def test_export_loads_back_with_timm_and_gives_the_same_logits(run2, tmp_path):
+    """`swap_accel export` writes timm's hub layout (issue 13): timm loads the folder with `local-dir:` and the
+    model's logits equal those of the run's own model.safetensors; config.json carries what a user needs."""
+    import timm
+
+    folder = tmp_path / "export"
+    done = subprocess.run([sys.executable, "-m", "swap_accel", "export", str(run2["out"]), str(folder)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = json.loads((folder / "config.json").read_text())
+    recipe, data = run2["recipe"], load_data(run2["recipe"].data, torch.device("cpu"), split="test")
+    assert config["architecture"] == recipe.model.name and config["num_classes"] == data.num_classes == 10
+    assert config["pretrained_cfg"]["input_size"] == [1, 28, 28]
+    assert config["pretrained_cfg"]["mean"] == pytest.approx(data.mean) and config["label_names"][0] == "T-shirt/top"
+    card = (folder / "README.md").read_text()
+    assert "SWAP (after averaging)" in card and f"{100 * run2['results']['test_acc']:.2f} %" in card
+
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    reference = build_model(recipe.model.name, in_chans=1, num_classes=10, kwargs=recipe.model.kwargs).eval()
+    reference.load_state_dict(load_file(run2["out"] / "model.safetensors"))
+    x, _ = next(data.batches(torch.arange(64), 64, augment=False, generator=None))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
+    # A second export into the same, now non-empty folder is refused with one line, not overwritten silently.
+    again = subprocess.run([sys.executable, "-m", "swap_accel", "export", str(run2["out"]), str(folder)],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr

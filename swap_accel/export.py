@@ -1,0 +1,96 @@
+"""`swap_accel export RUN_DIR DIR [--push REPO_ID]`: the averaged model as timm users share models (issue 13).
+
+timm's own hub helper (`save_for_hf`) writes `config.json` (architecture, num_classes, the constructor
+arguments, the data's normalisation and input size, label names) and `model.safetensors`, the folder layout
+that `timm.create_model('local-dir:DIR', pretrained=True)` and `hf-hub:` loading read. A model card README
+adds the run's Table-1 rows, its recipe and Figure 1. `--push` uploads the folder with huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import save_for_hf
+
+from .checkpoints import CheckpointError, load_weights, tensors_sha256
+from .data import load_data
+from .models import build_model
+from .recipe import Recipe
+from .report import COLUMNS, table_rows
+
+
+def export(run_dir: Path, out: Path, push: str | None = None) -> Path:
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise CheckpointError(f"{results_path} not found; pass a finished run directory (it holds results.json)")
+    results = json.loads(results_path.read_text())
+    weights = run_dir / "model.safetensors"
+    # The weights are the ones results.json vouches for (its model_sha256 identifies the tensors).
+    if results.get("model_sha256") and (not weights.is_file() or tensors_sha256(weights) != results["model_sha256"]):
+        raise CheckpointError(f"{weights} is missing or not the model results.json describes; export the run "
+                              "directory as its training left it")
+    recipe = Recipe.model_validate(results["recipe"])
+    data = load_data(recipe.data, torch.device("cpu"), split="test")
+    module = build_model(recipe.model.name, in_chans=data.in_chans, num_classes=data.num_classes,
+                         kwargs=recipe.model.kwargs, image_size=data.image_size)
+    module.load_state_dict(load_weights(weights))
+    # In-memory sources normalise with the training set's own statistics; streaming ones with timm's ImageNet ones.
+    data_config = {"input_size": (data.in_chans, *data.image_size), "crop_pct": 1.0,
+                   "mean": tuple(getattr(data, "mean", IMAGENET_DEFAULT_MEAN)),
+                   "std": tuple(getattr(data, "std", IMAGENET_DEFAULT_STD))}
+    save_for_hf(module, str(out), model_config={"label_names": list(data.class_names)},
+                model_args={"in_chans": data.in_chans, **recipe.model.kwargs}, safe_serialization=True,
+                data_config=data_config)
+    if (run_dir / "figure1.png").is_file():
+        shutil.copy(run_dir / "figure1.png", out / "figure1.png")
+    (out / "README.md").write_text(_model_card(results, recipe, out))
+    if push:
+        _push(out, push)
+    return out
+
+
+def _model_card(results: dict, recipe: Recipe, out: Path) -> str:
+    rows = "\n".join("| " + " | ".join(row) + " |" for row in table_rows(results))
+    figure = "\n![Figure 1](figure1.png)\n" if (out / "figure1.png").exists() else ""
+    registry = "import swap_accel  # registers resnet9 in timm's registry\n" if recipe.model.name == "resnet9" else ""
+    return f"""---
+library_name: timm
+tags: [image-classification, timm, swap, weight-averaging]
+---
+# {results.get("name", "swap")}: {recipe.model.name} trained with SWAP
+
+Stochastic Weight Averaging in Parallel (Gupta et al., ICLR 2020) with swap_accel {results.get("version", "")}:
+{results.get("num_processes")} processes, {len(results.get("workers", []))} phase-2 workers averaged, BatchNorm
+statistics recomputed. Test accuracy {100 * results["test_acc"]:.2f} %.
+
+```python
+{registry}import timm
+model = timm.create_model("local-dir:{out.name}", pretrained=True)  # or "hf-hub:<repo id>" once pushed
+```
+
+| {" | ".join(COLUMNS)} |
+|{"---|" * len(COLUMNS)}
+{rows}
+{figure}
+## Recipe
+
+```yaml
+{yaml.safe_dump(results["recipe"], sort_keys=False)}```
+"""
+
+
+def _push(folder: Path, repo_id: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder))
+    except Exception as e:  # offline, no token, no rights: the exported folder stays, and can be pushed later
+        raise CheckpointError(f"--push {repo_id} failed ({str(e).splitlines()[0][:150]}); the folder {folder} is "
+                              "complete: log in (`hf auth login`) and push it with --push again") from None
