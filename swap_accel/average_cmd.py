@@ -91,7 +91,7 @@ def _phase1_summary(path: Path, manifest: dict) -> dict:
 
 def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict | None:
     started = time.perf_counter()
-    accelerator = make_accelerator(recipe.mixed_precision)
+    accelerator = make_accelerator(recipe.mixed_precision, loss_scale=recipe.loss_scale)
     counter = CollectiveCounter().install()
     train_data = load_data(recipe.data, accelerator.device, split="train")
     test_data = load_data(recipe.data, accelerator.device, split="test")

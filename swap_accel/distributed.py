@@ -21,6 +21,8 @@ from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGr
 from accelerate.utils import DistributedType
 
 from .counting import CollectiveCounter
+from .precision import enable_fp16_on_cpu, scaler_kwargs
+from .recipe import LossScaleConfig
 from .topology import WorkerLayout
 
 
@@ -54,12 +56,12 @@ class _DDPKwargs(DistributedDataParallelKwargs):
 
 
 def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, project_dir: str | None = None,
-                     timeout_minutes: float = 30.0) -> Accelerator:
+                     timeout_minutes: float = 30.0, loss_scale: LossScaleConfig | None = None) -> Accelerator:
     """An Accelerator that is one real group whenever WORLD_SIZE > 1, on GPUs or CPU-only.
 
     `log_with`/`project_dir` select Accelerate's experiment tracker (issue 3); None adds none. Every
     collective fails after `timeout_minutes` instead of the backend's own default (issue 14: NCCL's
-    watchdog and gloo disagree; a recipe states it once for both)."""
+    watchdog and gloo disagree; a recipe states it once for both). `loss_scale` sets fp16's scalers (issue 13)."""
     cpu = not torch.cuda.is_available()
     if cpu and "OMP_NUM_THREADS" not in os.environ:
         # Issue 5: P processes on C cores do best with C/P threads each (measured: two 1-thread
@@ -72,7 +74,8 @@ def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, p
     # rank 0's through `broadcast_buffers_` first, so the results are bitwise the same with one fewer sync.
     group = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
-                              kwargs_handlers=[group])
+                              kwargs_handlers=[group, scaler_kwargs(loss_scale or LossScaleConfig())])
+    enable_fp16_on_cpu(accelerator)
     # Accelerate takes its DDP handler by exact class, so it is set after construction, before any prepare.
     accelerator.ddp_handler = _DDPKwargs(forward_sync_buffers=False)
     require_one_group(accelerator)

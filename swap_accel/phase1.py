@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from .bn import bn_layers
-from .checkpoints import load_state, load_weights_into
 from .data import DataSource
 from .distributed import all_reduce_sum, all_true
+from .precision import LossScale
 from .recipe import OptimizerConfig, Phase1Config
-from .resume import Checkpointer, restore_loop
+from .resume import Checkpointer, restore_loop, restore_optimizer
 from .sampling import AUGMENT, derive_seed, phase1_shard
 from .schedules import make_schedule
 
@@ -36,6 +36,7 @@ class Phase1Result:
     train_acc: float = 0.0
     train_loss: float = 0.0
     reached_tau: bool = False
+    loss_scale: dict | None = None  # fp16: the final scale, skipped steps and growths (issue 13)
     history: list[dict] = field(default_factory=list)
 
 
@@ -102,13 +103,14 @@ def train_phase1(
     lr_at = make_schedule(cfg.lr, epochs=cfg.max_epochs, steps_per_epoch=steps_per_epoch)
     augment_gen = torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, AUGMENT, 1, rank))
     random.seed(derive_seed(seed, AUGMENT, 1, rank))  # timm's streaming transforms draw from Python's RNG
+    # fp16: Accelerate's scaler, which its backward and its prepared optimizer's step already apply.
+    loss_scale = LossScale(accelerator.scaler, accelerate_steps=True)
     result = Phase1Result()
     first_epoch, resumed_done, resumed_totals = 0, 0, None
     if resume is not None:  # issue 4: continue exactly where the checkpoint stopped
-        load_weights_into(accelerator.unwrap_model(model), resume)
-        optimizer.load_state_dict(load_state(resume / "optimizer.pt"))
+        restore_optimizer(resume, accelerator.unwrap_model(model), optimizer, loss_scale)
         first_epoch, resumed_done, resumed_totals = restore_loop(
-            resume, load_state(resume / f"rank{rank}.pt"), result, augment_gen, accelerator.device)
+            resume, f"rank{rank}.pt", result, augment_gen, accelerator.device)
     ckpt.begin(result.steps, by_clock=False)
     model.train()
     start = time.perf_counter() - result.seconds
@@ -138,15 +140,15 @@ def train_phase1(
                 totals[0] += loss.detach() * y.numel()
                 totals[1] += (logits.argmax(1) == y).sum()
                 totals[2] += y.numel()
-            optimizer.step()
+            loss_scale.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             result.steps += 1
             if ckpt.due(result.steps):
-                result.seconds = time.perf_counter() - start
+                result.seconds, result.loss_scale = time.perf_counter() - start, loss_scale.summary()
                 require_finite(model, f"phase 1 step {result.steps}", ckpt,
                                agree=lambda finite: all_true(finite, accelerator))
-                ckpt.save_phase1(accelerator.unwrap_model(model), optimizer, result, epoch=epoch, step_in_epoch=i + 1,
-                                 totals=totals, generator=augment_gen)
+                ckpt.save_phase1(accelerator.unwrap_model(model), optimizer, loss_scale, result, epoch=epoch,
+                                 step_in_epoch=i + 1, totals=totals, generator=augment_gen)
         totals[3] = time.perf_counter() - epoch_start
         loss_sum, correct, count, rank_seconds = all_reduce_sum(totals, accelerator).tolist()
         # The same mean step time on every rank, so "every N minutes" picks the same step everywhere.
@@ -168,5 +170,5 @@ def train_phase1(
         if tau is not None and result.train_acc >= tau:
             result.reached_tau = True
             break
-    result.seconds = time.perf_counter() - start
+    result.seconds, result.loss_scale = time.perf_counter() - start, loss_scale.summary()
     return result

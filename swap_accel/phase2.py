@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from .checkpoints import load_state, load_weights_into
 from .data import DataSource
 from .distributed import all_reduce_sum, all_true, broadcast_buffers_
 from .phase1 import TrainingDiverged, log_off_clock, require_finite
+from .precision import LossScale, new_scaler
 from .recipe import OptimizerConfig, Phase2Config
-from .resume import Checkpointer, restore_loop
+from .resume import Checkpointer, restore_loop, restore_optimizer
 from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, worker_order, worker_shard
 from .schedules import make_schedule
 
@@ -40,6 +40,7 @@ class Phase2Result:
     train_loss: float = 0.0
     samples_per_epoch: list[int] = field(default_factory=list)
     order_digests: list[str] = field(default_factory=list)
+    loss_scale: dict | None = None  # fp16: the final scale, skipped steps and growths (issue 13)
     history: list[dict] = field(default_factory=list)
 
 
@@ -73,6 +74,8 @@ def train_phase2(
     """Train worker `worker` from the weights in `module`. `model` is `module` itself, or its data-parallel
     wrapper on the worker's `group` of `members` processes, of which this one is `member`."""
     optimizer = make_sgd(module, opt_cfg, cfg.lr.peak)
+    # fp16: a scaler per worker, as every optimizer needs its own (issue 13); None otherwise.
+    loss_scale = LossScale(new_scaler(accelerator))
     order_of = lambda epoch: worker_order(source.num_samples, seed=seed, worker=worker, epoch=epoch)  # noqa: E731
     _, step_sizes = worker_shard(order_of(0), batch_size=cfg.per_worker_batch_size, member=member, members=members)
     steps_per_epoch = len(step_sizes)
@@ -84,10 +87,9 @@ def train_phase2(
     result = Phase2Result()
     first_epoch, resumed_done, resumed_totals = 0, 0, None
     if resume is not None:  # issue 4: continue exactly where this worker's checkpoint stopped
-        load_weights_into(module, resume)
-        optimizer.load_state_dict(load_state(resume / "optimizer.pt"))
+        restore_optimizer(resume, module, optimizer, loss_scale)
         first_epoch, resumed_done, resumed_totals = restore_loop(
-            resume, load_state(resume / f"member{member}.pt"), result, augment_gen, accelerator.device)
+            resume, f"member{member}.pt", result, augment_gen, accelerator.device)
     # A one-process worker checkpoints by its own clock; a group's members must pick the same step (phase 1's way).
     ckpt.begin(result.steps, by_clock=members == 1)
     model.train()
@@ -109,18 +111,18 @@ def train_phase2(
             with accelerator.autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=opt_cfg.label_smoothing)
-            loss.backward()
-            optimizer.step()
+            loss_scale.backward(loss)
+            loss_scale.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             result.steps += 1
             totals[0] += loss.detach() * y.numel()
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += y.numel()
             if ckpt.due(result.steps):
-                result.seconds = time.perf_counter() - start
+                result.seconds, result.loss_scale = time.perf_counter() - start, loss_scale.summary()
                 require_finite(module, f"worker {worker}: phase 2 step {result.steps}", ckpt, totals,
                                agree=(lambda finite: all_true(finite, accelerator, group)) if group else bool)
-                ckpt.save_phase2(module, optimizer, result, worker=worker, epoch=epoch,
+                ckpt.save_phase2(module, optimizer, loss_scale, result, worker=worker, epoch=epoch,
                                  step_in_epoch=result.steps - epoch * steps_per_epoch, totals=totals,
                                  generator=augment_gen, group=group, member=member, members=members)
         totals[3] = time.perf_counter() - epoch_start
@@ -149,5 +151,5 @@ def train_phase2(
                "seconds": seconds}
         result.history.append(row)
         start += log_off_clock(log, row)
-    result.seconds = time.perf_counter() - start
+    result.seconds, result.loss_scale = time.perf_counter() - start, loss_scale.summary()
     return result

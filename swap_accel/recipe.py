@@ -161,13 +161,23 @@ class TrackingConfig(Strict):
         return "off" if value is False else value
 
 
+class LossScaleConfig(Strict):
+    """fp16's dynamic loss scaling (Accelerate's `GradScalerKwargs`), for phase 1 and every phase-2 worker: the
+    scale starts at `init`, halves on every step whose gradients overflow (the step is skipped) and doubles after
+    `growth_interval` clean steps. Ignored unless mixed_precision is fp16."""
+
+    init: float = Field(65536.0, gt=0)
+    growth_interval: PositiveInt = 2000
+
+
 class Recipe(Strict):
     name: str = "swap"
     mode: Literal["swap", "sgd"] = "swap"
     seed: int = 0
     output_dir: Path | None = None
-    # fp16 needs a loss scaler per optimizer; phase 2's local optimizers would each need their own.
-    mixed_precision: Literal["no", "bf16"] = "no"
+    # fp16 scales the loss: Accelerate's scaler in phase 1, one per phase-2 worker (precision.py, issue 13).
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    loss_scale: LossScaleConfig = LossScaleConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -182,6 +192,12 @@ class Recipe(Strict):
     # Any collective that waits longer fails (issue 14), on gloo and NCCL alike. Phase 2 makes none, and processes
     # meet phase 3 through the run directory, so this bounds phase 1's and phase 3's steps, not the workers' skew.
     collective_timeout_minutes: float = Field(30.0, gt=0)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML 1.1 reads a bare `no` (in a recipe or `--set mixed_precision=no`) as false; the user meant "no".
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

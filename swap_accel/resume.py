@@ -1,8 +1,8 @@
 """Never lose a run (issue 4): which checkpoints to write when, and where a re-run starts.
 
 Layout under RUN_DIR/checkpoints/ (periodic names sort by step):
-  p1-step00000040/     phase 1 every N steps/minutes: model.safetensors and optimizer.pt (identical on
-                       every rank after the gradient all-reduce, so rank 0's), rank<r>.pt (each rank's
+  p1-step00000040/     phase 1 every N steps/minutes: model.safetensors, optimizer.pt and with fp16 scaler.pt
+                       (identical on every rank after the gradient all-reduce, so rank 0's), rank<r>.pt (each rank's
                        augmentation generator, global RNG and partial epoch sums)
   p1-end/              phase 1 finished: the weights phase 2 starts from (`--from-phase1` reads these)
   p2-w<k>-step.../     worker k in phase 2 (issue 9: k is the worker, not the rank): model.safetensors and
@@ -28,12 +28,14 @@ import torch
 from .checkpoints import (
     CheckpointError,
     commit_checkpoint,
+    load_state,
     load_weights_into,
     save_weights,
     verify_checkpoint,
     write_state,
 )
 from .distributed import barrier
+from .precision import LossScale
 from .recipe import Recipe
 
 ROOT = "checkpoints"
@@ -148,6 +150,14 @@ def load_result(path: Path, module, result_type):
     return result_type(**json.loads((path / "manifest.json").read_text())["result"])
 
 
+def restore_optimizer(path: Path, module, optimizer, loss_scale: LossScale) -> None:
+    """Weights, optimizer and fp16 loss scaler as checkpoint `path` holds them."""
+    load_weights_into(module, path)
+    optimizer.load_state_dict(load_state(path / "optimizer.pt"))
+    if loss_scale.scaler is not None:
+        loss_scale.load_state_dict(load_state(path / "scaler.pt"))
+
+
 def loop_state(totals: torch.Tensor, generator: torch.Generator) -> dict:
     """Per-rank state of a training loop at a step boundary, beyond the weights: the partial epoch sums (phase
     1's τ decision at epoch end must see the same sums after a mid-epoch resume), the augmentation generator
@@ -159,9 +169,11 @@ def loop_state(totals: torch.Tensor, generator: torch.Generator) -> dict:
     return state
 
 
-def restore_loop(path: Path, state: dict, result, generator: torch.Generator, device) -> tuple[int, int, torch.Tensor]:
-    """Put a loop back where checkpoint `path` left it: `result` fields, generator and RNG from `state`.
-    Returns (epoch, steps already done in it, partial epoch sums)."""
+def restore_loop(path: Path, state_file: str, result, generator: torch.Generator,
+                 device) -> tuple[int, int, torch.Tensor]:
+    """Put a loop back where checkpoint `path` left it: `result` fields, and generator and RNG from this
+    process's `state_file` in it. Returns (epoch, steps already done in it, partial epoch sums)."""
+    state = load_state(path / state_file)
     manifest = json.loads((path / "manifest.json").read_text())
     for key, value in manifest["result"].items():
         setattr(result, key, value)
@@ -226,37 +238,45 @@ class Checkpointer:
         staging.mkdir(parents=True, exist_ok=True)
         return staging
 
-    def save_phase1(self, module, optimizer, result, *, epoch: int, step_in_epoch: int, totals, generator) -> None:
+    def _save_optimizer(self, staging: Path, module, optimizer, loss_scale: LossScale) -> list[str]:
+        """The weights, the optimizer and, with fp16, its loss scaler (issue 13): the state every rank shares."""
+        save_weights(staging / "model.safetensors", module)
+        write_state(staging / "optimizer.pt", optimizer.state_dict())
+        if loss_scale.scaler is None:
+            return ["model.safetensors", "optimizer.pt"]
+        write_state(staging / "scaler.pt", loss_scale.state_dict())
+        return ["model.safetensors", "optimizer.pt", "scaler.pt"]
+
+    def save_phase1(self, module, optimizer, loss_scale: LossScale, result, *, epoch: int, step_in_epoch: int,
+                    totals, generator) -> None:
         name = f"p1-step{result.steps:08d}"
         staging = self._staging(name)
         write_state(staging / f"rank{self.rank}.pt", loop_state(totals, generator))
         if self.rank == 0:
-            save_weights(staging / "model.safetensors", module)
-            write_state(staging / "optimizer.pt", optimizer.state_dict())
+            shared = self._save_optimizer(staging, module, optimizer, loss_scale)
         # Every rank's file is on disk before rank 0 checksums them; the run dir is shared, as on any cluster.
         self.accelerator.wait_for_everyone()
         if self.rank == 0:
-            files = ["model.safetensors", "optimizer.pt"] + [f"rank{r}.pt" for r in range(self.world)]
+            files = shared + [f"rank{r}.pt" for r in range(self.world)]
             self._commit(staging, name, files, "phase1", result.steps,
                          {"epoch": epoch, "step_in_epoch": step_in_epoch, "result": dataclasses.asdict(result)})
             self._prune("p1-step")
         self.last_good = self.root / name
         self._mark(result.steps)
 
-    def save_phase2(self, module, optimizer, result, *, worker: int, epoch: int, step_in_epoch: int, totals,
-                    generator, group=None, member: int = 0, members: int = 1) -> None:
+    def save_phase2(self, module, optimizer, loss_scale: LossScale, result, *, worker: int, epoch: int,
+                    step_in_epoch: int, totals, generator, group=None, member: int = 0, members: int = 1) -> None:
         """One worker's checkpoint, as phase 1's but inside its group: the weights and optimizer (identical on
         every member after the in-group all-reduce) from the leader, each member's loop state from itself."""
         name = f"p2-w{worker}-step{result.steps:08d}"
         staging = self._staging(name)
         write_state(staging / f"member{member}.pt", loop_state(totals, generator))
         if member == 0:
-            save_weights(staging / "model.safetensors", module)
-            write_state(staging / "optimizer.pt", optimizer.state_dict())
+            shared = self._save_optimizer(staging, module, optimizer, loss_scale)
         if members > 1:
             barrier(self.accelerator, group)
         if member == 0:
-            files = ["model.safetensors", "optimizer.pt"] + [f"member{j}.pt" for j in range(members)]
+            files = shared + [f"member{j}.pt" for j in range(members)]
             self._commit(staging, name, files, "phase2", result.steps,
                          {"worker": worker, "members": members, "epoch": epoch, "step_in_epoch": step_in_epoch,
                           "result": dataclasses.asdict(result)})

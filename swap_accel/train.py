@@ -57,7 +57,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     started = time.perf_counter()
     accelerator = make_accelerator(recipe.mixed_precision, log_with=tracking.log_with(recipe.tracking),
                                    project_dir=str(run_dir / "tensorboard"),
-                                   timeout_minutes=recipe.collective_timeout_minutes)
+                                   timeout_minutes=recipe.collective_timeout_minutes, loss_scale=recipe.loss_scale)
     counter = CollectiveCounter().install()
     rank, world = accelerator.process_index, accelerator.num_processes
     layout = recipe.worker_layout(world) if recipe.mode == "swap" else None
@@ -132,8 +132,11 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                                                    loader=test_loader)
     eval_seconds = time.perf_counter() - eval_start
     tracking.log(accelerator, {"phase1/test_acc": p1_test_acc}, step=p1.steps)
+    scaled = p1.loss_scale and (f", fp16 loss scale {p1.loss_scale['scale']:.0f} ({p1.loss_scale['skipped_steps']} "
+                                "overflowing steps skipped)")
     accelerator.print(f"phase 1 done: {p1.epochs} epochs, {p1.steps} steps, {p1.seconds:.1f} s, "
-                      f"train acc {100 * p1.train_acc:.2f}%, test acc {100 * p1_test_acc:.2f}%", flush=True)
+                      f"train acc {100 * p1.train_acc:.2f}%, test acc {100 * p1_test_acc:.2f}%{scaled or ''}",
+                      flush=True)
     results = {
         **run_header(recipe, accelerator, recipe.mode),
         # Table 1 times exclude issue 3's monitoring at logging points (reported as monitoring_seconds).
@@ -141,7 +144,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                    "monitoring_seconds": log.seconds["phase1"], "train_acc": p1.train_acc,
                    "train_loss": p1.train_loss, "reached_tau": p1.reached_tau, "test_acc": p1_test_acc,
                    "test_acc_bn": p1_test_acc_bn if recipe.mode == "sgd" else None,
-                   "global_batch_size": recipe.phase1.global_batch_size, "history": p1.history},
+                   "global_batch_size": recipe.phase1.global_batch_size, "loss_scale": p1.loss_scale,
+                   "history": p1.history},
         "phase2": None, "phase3": None, "workers": [], "before_averaging": None, "after_averaging": None,
         "test_acc": p1_test_acc, "critical_path_steps": p1.steps,
     }

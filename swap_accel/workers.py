@@ -107,7 +107,8 @@ def gathered_rows(records: list[WorkerRecord], accelerator) -> tuple[list[dict],
     worker's phase-2 history rows; one gather at the end, in place of any exchange during phase 2 (issue 14)."""
     mine = [(r.worker, r.member, {"index": r.worker, "test_acc": r.test_acc, "test_acc_bn": r.test_acc_bn,
                                   "train_acc": r.result.train_acc, "seconds": r.result.seconds,
-                                  "steps": r.result.steps}, r.result.history) for r in records]
+                                  "steps": r.result.steps, "loss_scale": r.result.loss_scale}, r.result.history)
+            for r in records]
     rows, histories = {}, {}
     for worker, member, row, history in (x for each in gather_objects(mine, accelerator) for x in each):
         if member == 0:

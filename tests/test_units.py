@@ -180,6 +180,15 @@ def test_bare_yaml_off_means_off(tmp_path):
     assert load_recipe(_write(tmp_path, BASE + "tracking: {averaged_curve: off}\n")).tracking.averaged_curve == "off"
 
 
+def test_bare_yaml_no_means_no_mixed_precision(tmp_path):
+    # YAML 1.1 reads `no` as false: `mixed_precision: no` and `--set mixed_precision=no` were refused (issue 13).
+    assert load_recipe(_write(tmp_path, BASE + "mixed_precision: no\n")).mixed_precision == "no"
+    recipe = load_recipe(_write(tmp_path, BASE + "mixed_precision: fp16\n"), ["mixed_precision=no"])
+    assert recipe.mixed_precision == "no"
+    with pytest.raises(RecipeError, match="mixed_precision: Input should be 'no', 'bf16' or 'fp16'"):
+        load_recipe(_write(tmp_path, BASE), ["mixed_precision=fp8"])
+
+
 @pytest.mark.parametrize("poison", ["weight", "running_var"])
 def test_nan_weights_or_bn_statistics_stop_before_a_checkpoint(poison):
     from types import SimpleNamespace
