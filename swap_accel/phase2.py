@@ -44,9 +44,20 @@ class Phase2Result:
     history: list[dict] = field(default_factory=list)
 
 
-def make_sgd(module: torch.nn.Module, opt_cfg: OptimizerConfig, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(module.parameters(), lr=lr, momentum=opt_cfg.momentum,
-                           nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0, weight_decay=opt_cfg.weight_decay)
+def make_sgd(module: torch.nn.Module, opt_cfg: OptimizerConfig, lr: float, *, fp16: bool = False) -> torch.optim.SGD:
+    """fp16 takes the fused SGD: it applies the loss scaler's inf check on the device, where torch's GradScaler
+    would otherwise read it on the host every step (precision.LossScale); other precisions keep the default."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=opt_cfg.momentum,
+                                nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0, weight_decay=opt_cfg.weight_decay,
+                                fused=True if fp16 else None)
+    if fp16 and opt_cfg.momentum > 0:
+        # torch 2.14's fused SGD makes its momentum buffers with empty_like on the first step and leaves them so
+        # when the scaler skips that step (inf gradients, common at fp16's first scale): garbage, then NaN (seen
+        # on CPU; the same Python code feeds the CUDA kernel). Zeros from the start give the first step's
+        # buf = grad exactly (dampening 0), bitwise what the unfused SGD computes.
+        for param in module.parameters():
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
 
 
 def _member_seed(seed: int, purpose: int, *keys: int, member: int) -> int:
@@ -73,9 +84,9 @@ def train_phase2(
 ) -> Phase2Result:
     """Train worker `worker` from the weights in `module`. `model` is `module` itself, or its data-parallel
     wrapper on the worker's `group` of `members` processes, of which this one is `member`."""
-    optimizer = make_sgd(module, opt_cfg, cfg.lr.peak)
     # fp16: a scaler per worker, as every optimizer needs its own (issue 13); None otherwise.
     loss_scale = LossScale(new_scaler(accelerator))
+    optimizer = make_sgd(module, opt_cfg, cfg.lr.peak, fp16=loss_scale.scaler is not None)
     order_of = lambda epoch: worker_order(source.num_samples, seed=seed, worker=worker, epoch=epoch)  # noqa: E731
     _, step_sizes = worker_shard(order_of(0), batch_size=cfg.per_worker_batch_size, member=member, members=members)
     steps_per_epoch = len(step_sizes)

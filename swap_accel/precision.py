@@ -45,11 +45,14 @@ class LossScale:
     off) and scale growths. A pass-through when `scaler` is None (fp32, bf16): no extra work, bitwise unchanged.
 
     `accelerate_steps`: phase 1's optimizer is Accelerate's, whose `step()` already runs scaler.step and
-    update; a worker's plain optimizer needs both done here."""
+    update; a worker's plain optimizer needs both done here. No host sync per step (gpu_check checks it): the
+    optimizer is fused (`make_sgd`), so GradScaler hands it the inf check on the device instead of reading it
+    on the host, and the scale is compared on the device (`_get_scale_async`, torch's non-syncing accessor)."""
 
     def __init__(self, scaler: torch.amp.GradScaler | None, *, accelerate_steps: bool = False) -> None:
         self.scaler, self.accelerate_steps = scaler, accelerate_steps
-        self.skipped_steps = self.growths = 0
+        self._restored = (0, 0)  # counts up to a resumed checkpoint
+        self._counts: torch.Tensor | None = None  # [skipped steps, growths] since, on the scale's device
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -58,26 +61,32 @@ class LossScale:
         if self.scaler is None:
             optimizer.step()
             return
-        # get_scale() reads the scale on the host; GradScaler.step already waits for its inf check, so fp16
-        # steps sync once per step either way (the cost of dynamic loss scaling with a non-fused optimizer).
-        before = self.scaler.get_scale()
+        before = self.scaler._get_scale_async().clone()  # set by the backward's scale(loss)
         if self.accelerate_steps:
             optimizer.step()
         else:
             self.scaler.step(optimizer)
             self.scaler.update()
-        after = self.scaler.get_scale()
-        self.skipped_steps += after < before  # a skipped step backs the scale off; a growth never coincides
-        self.growths += after > before
+        after = self.scaler._get_scale_async()
+        if self._counts is None:
+            self._counts = torch.zeros(2, dtype=torch.int64, device=after.device)
+        # A skipped step backs the scale off; a growth never coincides with one.
+        self._counts += torch.stack([after < before, after > before]).reshape(2)
+
+    def counts(self) -> tuple[int, int]:
+        now = self._counts.tolist() if self._counts is not None else [0, 0]
+        return self._restored[0] + now[0], self._restored[1] + now[1]
 
     def summary(self) -> dict | None:
         if self.scaler is None:
             return None
-        return {"scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps, "growths": self.growths}
+        skipped, growths = self.counts()
+        return {"scale": self.scaler.get_scale(), "skipped_steps": skipped, "growths": growths}
 
     def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps, "growths": self.growths}
+        skipped, growths = self.counts()
+        return {"scaler": self.scaler.state_dict(), "skipped_steps": skipped, "growths": growths}
 
     def load_state_dict(self, state: dict) -> None:
         self.scaler.load_state_dict(state["scaler"])
-        self.skipped_steps, self.growths = state["skipped_steps"], state["growths"]
+        self._restored, self._counts = (state["skipped_steps"], state["growths"]), None

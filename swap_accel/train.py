@@ -84,7 +84,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         module = module.to(memory_format=torch.channels_last)
     if recipe.model.compile:
         module.compile()  # nn.Module.compile: DDP, phase 2, BN recalibration and evaluation all use it
-    model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, recipe.phase1.lr.peak))
+    model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, recipe.phase1.lr.peak,
+                                                                   fp16=recipe.mixed_precision == "fp16"))
     counter.watch_ddp(model)
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
     module = accelerator.unwrap_model(model)

@@ -201,3 +201,29 @@ def test_nan_weights_or_bn_statistics_stop_before_a_checkpoint(poison):
     getattr(module.layer1[0][1], poison).data[0] = float("nan")  # a BN layer's weight or running variance
     with pytest.raises(TrainingDiverged, match="p1-step-10"):
         require_finite(module, "phase 1 step 11", ckpt)
+
+
+def test_fp16_fused_sgd_equals_plain_sgd_through_skipped_first_steps():
+    """make_sgd(fp16=True) is fused, so the loss scaler's inf check stays on the device (issue 13); torch's fused
+    SGD leaves its momentum buffers uninitialised when the first step is skipped. The pre-zeroed buffers make
+    it bitwise the plain SGD through skipped and applied steps alike."""
+    from swap_accel.phase2 import make_sgd
+    from swap_accel.precision import LossScale
+    from swap_accel.recipe import OptimizerConfig
+
+    def train(fp16: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        optimizer = make_sgd(model, OptimizerConfig(momentum=0.9, nesterov=True, weight_decay=5e-4), 0.1, fp16=fp16)
+        scale = LossScale(torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2))
+        for _ in range(12):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(model(torch.randn(32, 8)), torch.randint(0, 3, (32,)))
+            scale.backward(loss)
+            scale.step(optimizer)
+            optimizer.zero_grad()
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), scale.summary()
+
+    (fused, fused_scale), (plain, plain_scale) = train(True), train(False)
+    assert fused_scale == plain_scale and fused_scale["skipped_steps"] >= 2 and fused_scale["growths"] >= 1
+    assert torch.isfinite(fused).all() and torch.equal(fused, plain)
