@@ -91,7 +91,7 @@ def test_python_random_is_seeded_per_worker_and_member_and_resumes(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"result": {}, "epoch": 0, "step_in_epoch": 0}))
     torch.save(state, tmp_path / "member0.pt")
     random.seed(12345)
-    restore_loop(tmp_path, torch.load(tmp_path / "member0.pt", weights_only=True), object(), torch.Generator(),
+    restore_loop(tmp_path, "member0.pt", object(), torch.Generator(),
                  torch.device("cpu"))
     assert [random.random() for _ in range(3)] == expected
 
