@@ -77,7 +77,9 @@ default_cfgs = generate_default_cfgs(
 def resnet9(pretrained: bool = False, **kwargs) -> ResNet9:
     # Weights exist only where a pretrained_cfg names a source: a `swap_accel export` folder loaded with
     # timm.create_model('local-dir:DIR' or 'hf-hub:ID', pretrained=True) (issue 13).
-    source = kwargs.get("pretrained_cfg") or {}
+    cfg = kwargs.get("pretrained_cfg") or {}
+    cfg = cfg if isinstance(cfg, dict) else cfg.to_dict() if hasattr(cfg, "to_dict") else {"tag": cfg}
+    source = {**cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}  # timm's way to name a local weights file
     if pretrained and not any(source.get(k) for k in ("source", "file", "url", "hf_hub_id", "state_dict")):
         raise ModelError("resnet9 has no pretrained weights of its own; load a `swap_accel export` folder with "
                          "timm.create_model('local-dir:DIR', pretrained=True), or set pretrained false")

@@ -29,6 +29,6 @@ def test_gpu_check_dry_run_exercises_every_precision_and_guard(tmp_path):
         assert r["workers"] == 4 and r["steps_checked"] == steps["phase1"]["steps"] + sum(
             w["steps"] for w in steps["workers"])
         assert r["guard_self_test"] and r["collectives_inspected"] > 0 and r["cpu_tensor_on_nccl"] == []
-        assert r["host_sync_count"] == 0 and r["hand_step_ms"] > 0 and r["test_acc"] > 0.3
+        assert r["host_sync_count"] == r["stderr_syncs"] == 0 and r["hand_step_ms"] > 0 and r["test_acc"] > 0.3
     assert records["fp16"]["loss_scale"] is not None and records["fp32"]["loss_scale"] is None
     assert report["cifar_shape"]["images_per_s"] > 0
