@@ -20,12 +20,14 @@ of the quickstart's phase-1 batch) and prints images/s. Exit status 1 if any che
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -57,7 +59,9 @@ class CollectiveGuard:
     def __init__(self, strict: set[str]) -> None:
         import torch.distributed as dist
 
-        from swap_accel.counting import _COUNTED, _group_position
+        from swap_accel.counting import _COUNTED, _group_position, group_argument
+
+        self._group_argument = group_argument
 
         self.dist, self.strict, self.inspected, self.violations, self.self_test = dist, strict, 0, [], None
         for name in _COUNTED:
@@ -85,10 +89,7 @@ class CollectiveGuard:
         def guarded(*args, **kwargs):
             if self.self_test is None and self.dist.is_initialized():
                 self.self_test = self.probe()
-            group = kwargs.get("group", kwargs.get("process_group"))
-            if group is None and position is not None and len(args) > position:
-                group = args[position]
-            self.check(name, group, list(args) + list(kwargs.values()))
+            self.check(name, self._group_argument(position, args, kwargs), list(args) + list(kwargs.values()))
             return fn(*args, **kwargs)
 
         return guarded
@@ -127,26 +128,18 @@ class StepSyncGuard:
 
         Monitor.steps = steps
 
+    @contextlib.contextmanager
     def window(self):
-        guard = self
-
-        class _Window:
-            def __enter__(self):
-                self.record = warnings.catch_warnings(record=True)
-                self.caught = self.record.__enter__()
-                warnings.simplefilter("always")
-                if guard.cuda:
-                    torch.cuda.set_sync_debug_mode("warn")
-
-            def __exit__(self, *exc):
-                if guard.cuda:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if self.cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                if self.cuda:
                     torch.cuda.set_sync_debug_mode("default")
-                guard.syncs += [str(w.message).splitlines()[0] for w in self.caught
-                                if "synchroniz" in str(w.message)]
-                self.record.__exit__(*exc)
-                return False
-
-        return _Window()
+                self.syncs += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
 
 
 def run_precision(precision: str, out: Path, dry_run: bool) -> dict:
@@ -247,18 +240,12 @@ def cifar_shape_images_per_s(dry_run: bool) -> dict:
             pass
 
     cfg = recipe.phase1.model_copy(update={"max_epochs": 2, "stop_train_accuracy": None})
-    with tempfile_dir() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         result = train_phase1(model, optimizer, source, cfg, recipe.optimizer, accelerator, seed=0, tau=None,
                               log=_Quiet(), ckpt=Checkpointer(Path(tmp), recipe, accelerator))
     last = result.history[-1]  # the second epoch: after warm-up
     return {"base_width": recipe.model.kwargs["base_width"], "batch": recipe.phase1.global_batch_size,
             "images_per_s": last["images_per_s"]}
-
-
-def tempfile_dir():
-    import tempfile
-
-    return tempfile.TemporaryDirectory()
 
 
 # ------------------------------------------------------------------ orchestration

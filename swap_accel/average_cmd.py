@@ -28,7 +28,7 @@ from .checkpoints import (
 )
 from .counting import CollectiveCounter
 from .data import load_data
-from .distributed import make_accelerator
+from .distributed import flat_state, load_flat_state_, make_accelerator
 from .evaluate import evaluate_local, evaluate_shared
 from .models import build_model
 from .recipe import Recipe, dump_recipe
@@ -107,17 +107,15 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
         rows.append({"index": manifest["worker"], "seed": manifest.get("seed"), "test_acc": acc,
                      "train_acc": result["train_acc"], "seconds": result["seconds"], "steps": result["steps"],
                      "checkpoint": str(path)})
-        params = [p.detach().clone() for p in module.parameters() if p.dtype.is_floating_point]
-        total = params if total is None else [t.add_(p) for t, p in zip(total, params, strict=True)]
+        # The same running sum of `flat_state` as train's phase 3 (workers.py): parameters and float buffers.
+        total = flat_state(module) if total is None else total.add_(flat_state(module))
         if accelerator.is_main_process:  # numbered in the order given: two runs may each have a worker 0
             save_weights(_mkdir(out / "workers") / f"worker{len(rows) - 1}.safetensors", module,
                          {"worker": str(manifest["worker"]), "seed": str(manifest.get("seed")),
                           "checkpoint": str(path)})
     p3_start = time.perf_counter()
     with torch.no_grad(), counter.phase("phase3"):
-        floats = [p for p in module.parameters() if p.dtype.is_floating_point]
-        for p, t in zip(floats, total, strict=True):
-            p.copy_(t / len(workers))  # (a + b) / 2 exactly as phase 3's all-reduce sum and division
+        load_flat_state_(module, total.div_(len(workers)))  # (a + b) / 2 exactly as phase 3's sum and division
         bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
                              batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
     p3_seconds = time.perf_counter() - p3_start
@@ -139,7 +137,7 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
                    "slowest_worker_seconds": max(r["seconds"] for r in rows),
                    "per_worker_batch_size": recipe.phase2.per_worker_batch_size if recipe.phase2 else None,
                    "history": workers[0][1]["result"]["history"]},
-        "phase3": {"seconds": p3_seconds, "averaged_values": sum(t.numel() for t in total), "bn": bn},
+        "phase3": {"seconds": p3_seconds, "averaged_values": total.numel(), "bn": bn},
         "workers": rows, **averaging_summary(accs, final_acc, counted),
         "critical_path_steps": p1.get("steps", 0) + steps,
         "collectives": {p: {"calls": counter.calls[p], "bytes": counter.bytes[p]} for p in _PHASES},

@@ -34,6 +34,14 @@ def _group_position(name: str, fn) -> int | None:
     return params.index("group") if "group" in params else None
 
 
+def group_argument(position: int | None, args: tuple, kwargs: dict):
+    """The process group a collective call names (None: the default group); `position` from `_group_position`."""
+    group = kwargs.get("group", kwargs.get("process_group"))
+    if group is None and position is not None and len(args) > position:
+        group = args[position]
+    return group
+
+
 def _payload_bytes(name: str, args: tuple) -> int:
     position = 1 if name in ("all_gather", "all_gather_into_tensor", "_broadcast_coalesced") else 0
     tensors = args[position] if len(args) > position else None
@@ -78,10 +86,7 @@ class CollectiveCounter:
     def _label(self, name: str, position: int | None, args: tuple, kwargs: dict) -> str:
         if self.current != "phase2" or self.worker_group is None:
             return self.current
-        group = kwargs.get("group", kwargs.get("process_group"))
-        if group is None and position is not None and len(args) > position:
-            group = args[position]
-        return "phase2_in_group" if group is self.worker_group else self.current
+        return "phase2_in_group" if group_argument(position, args, kwargs) is self.worker_group else self.current
 
     def _wrap(self, name: str, fn):
         position = _group_position(name, fn)

@@ -186,6 +186,11 @@ def flat_state(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in _float_state(module)])
 
 
+def load_flat_state_(module: torch.nn.Module, flat: torch.Tensor) -> None:
+    """The inverse of `flat_state`: every floating-point parameter and buffer of `module` set from `flat`."""
+    _unflatten_into(flat, _float_state(module))
+
+
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     # copy_ (not `.data =` views into `flat`) keeps each tensor's own storage and memory format.
     for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
@@ -202,8 +207,7 @@ def average_workers_(module: torch.nn.Module, local_sum: torch.Tensor, workers: 
     instead of one per tensor: a constant number of collectives whatever the architecture (issue 5). With
     one worker per process this is exactly the old (a + b) / 2. Returns the number of averaged values.
     """
-    all_reduce_sum(local_sum, accelerator).div_(workers)
-    _unflatten_into(local_sum, _float_state(module))
+    load_flat_state_(module, all_reduce_sum(local_sum, accelerator).div_(workers))
     return local_sum.numel()
 
 

@@ -55,7 +55,7 @@ class Monitor:
     phase1_epochs: int = 0
     seconds: dict = field(default_factory=lambda: {"phase1": 0.0, "phase2": 0.0})
     curve: list[dict] = field(default_factory=list)
-    _logged: dict = field(default_factory=dict)  # main process: worker -> rows of its file already logged
+    _logged: dict = field(default_factory=dict)  # main process: worker -> bytes of its file already logged
 
     @property
     def live(self) -> bool:
@@ -130,14 +130,19 @@ class Monitor:
         if not (self.live and self.accelerator.is_main_process):
             return
         for worker in range(self.layout.workers):
-            path = self._rows_file(worker)
-            lines = path.read_text().splitlines() if path.exists() else []
-            for line in lines[self._logged.get(worker, 0):]:
+            path, done = self._rows_file(worker), self._logged.get(worker, 0)
+            if not path.exists():
+                continue
+            with path.open("rb") as f:  # only what arrived since the last call, whole lines only (a row may be
+                f.seek(done)            # half-written by its worker right now)
+                new = f.read()
+            new = new[: new.rfind(b"\n") + 1]
+            self._logged[worker] = done + len(new)
+            for line in new.decode().splitlines():
                 row = json.loads(line)
                 values = {f"worker/{worker}/{key}": row.get(key) for key in _WORKER_KEYS}
                 values.update({"phase": 2, "epoch": self.phase1_epochs + row["epoch"]})
                 tracking.log_series(self.accelerator, values, f"worker/{worker}", row["run_step"])
-            self._logged[worker] = max(self._logged.get(worker, 0), len(lines))
 
     def workers_history(self, histories: list[dict]) -> list[dict]:
         """results.json's per-worker rows (Figure 1): `histories` maps worker -> its phase-2 history rows."""

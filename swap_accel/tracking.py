@@ -102,17 +102,26 @@ def start(accelerator: Accelerator, recipe: Recipe, run_dir: Path) -> None:
                 "dir": str(run_dir), "mode": _wandb_mode(cfg, accelerator)}
         accelerator.init_trackers(cfg.project, config=config,
                                   init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
+        # Each phase-2 worker's series on its own x-axis (log_series, issue 14), defined once per run.
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        workers = recipe.worker_layout(accelerator.num_processes).workers if recipe.mode == "swap" else 0
+        for k in range(workers):
+            run.define_metric(f"worker/{k}/*", step_metric=f"worker/{k}/step")
     else:
         accelerator.init_trackers(cfg.project, config=_flat(config))
 
 
 def log(accelerator: Accelerator, values: dict, step: int) -> None:
     """`values` keyed `phase1/...`, `worker/<k>/...`, `averaged/...` so dashboards group them."""
-    if accelerator.is_main_process and accelerator.log_with and "wandb" in [str(t) for t in accelerator.log_with]:
+    if accelerator.is_main_process and _uses_wandb(accelerator):
         # W&B drops a row whose step is below its current one; series logged on their own axis (log_series)
         # advance that counter, so an explicit step never goes back.
         step = max(step, accelerator.get_tracker("wandb", unwrap=True).step)
     accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)  # None: not evaluated here
+
+
+def _uses_wandb(accelerator: Accelerator) -> bool:
+    return "wandb" in [str(t) for t in accelerator.log_with or []]
 
 
 def log_series(accelerator: Accelerator, values: dict, prefix: str, x: int) -> None:
@@ -121,9 +130,7 @@ def log_series(accelerator: Accelerator, values: dict, prefix: str, x: int) -> N
     values = {k: v for k, v in values.items() if v is not None}
     if not accelerator.is_main_process:
         return
-    if "wandb" in [str(t) for t in accelerator.log_with]:
-        run = accelerator.get_tracker("wandb", unwrap=True)
-        run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
+    if _uses_wandb(accelerator):  # the series' own x-axis, defined by `start`
         accelerator.log({**values, f"{prefix}/step": x})
     else:
         accelerator.log(values, step=x)
