@@ -1,0 +1,37 @@
+"""benchmarks/reproduce.py's bookkeeping (issue 10): which finished runs it may reuse, and how it judges the
+targets. The benchmark itself takes an hour and is never part of the suite; `--quick` is its smoke test."""
+
+from __future__ import annotations
+
+from benchmarks.reproduce import RECIPE, effective, targets
+from swap_accel.recipe import load_recipe
+
+
+def test_baselines_stay_reusable_when_only_swap_settings_change():
+    sb = ["mode=sgd", "phase1.global_batch_size=128"]
+    base = effective(load_recipe(RECIPE, sb))
+    # phase 2 and tau are not read by mode: sgd, so tuning them keeps the finished baselines...
+    assert effective(load_recipe(RECIPE, [*sb, "phase2.epochs=9", "phase1.stop_train_accuracy=0.5"])) == base
+    # ...but anything the baseline trains with makes it stale, and SWAP runs compare every setting.
+    assert effective(load_recipe(RECIPE, [*sb, "phase1.max_epochs=30"])) != base
+    assert effective(load_recipe(RECIPE, ["phase2.epochs=9"])) != effective(load_recipe(RECIPE, []))
+
+
+def _row(acc, train_acc=0.99, seconds=100.0, per_seed=None):
+    return {"test_acc": {"mean": acc}, "train_acc": {"mean": train_acc}, "measured_s": {"mean": seconds},
+            "parallel_equivalent_s": {"mean": seconds}, "after_minus_workers_per_seed": per_seed or [0.01]}
+
+
+def test_targets_are_judged_on_the_issue_thresholds():
+    # SB 92, LB 90: SWAP must reach 91.8 (SB - 0.2) and 91.5 (LB + 0.75 gap), in half SB's time.
+    rows = {"sgd-sb": _row(0.92, seconds=200.0), "sgd-lb": _row(0.90, train_acc=0.95)}
+    met = targets({**rows, "swap-w8": _row(0.9181, seconds=100.0, per_seed=[0.01, 0.002])})
+    assert all(met.values()), met
+    missed = targets({**rows, "swap-w8": _row(0.9170, seconds=101.0, per_seed=[0.01, -0.001])})
+    assert [name for name, ok in missed.items() if not ok] == [
+        "SWAP after averaging >= SB - 0.2 points", "SWAP above its workers' mean in every seed",
+        "SWAP parallel-equivalent time <= 50 % of SB's"]
+    # The regime itself is checked too: a gap under a point, or an unconverged small batch, is reported.
+    flat = targets({"sgd-sb": _row(0.92, train_acc=0.97), "sgd-lb": _row(0.915), "swap-w8": _row(0.92)})
+    assert not flat["regime: small batch converges (train acc >= 98 %)"]
+    assert not flat["regime: large batch >= 1 point below small batch"]
