@@ -1,4 +1,4 @@
-"""Command line: `train`, `validate`, `average`, `report`, `export`, `models` (typer).
+"""Command line: `train`, `validate`, `average`, `report`, `export`, `landscape`, `cosine`, `models` (typer).
 
 Everything that can be checked before a process group forms is checked here first (recipe,
 process count, model name, data files, output directory), so a typo costs seconds, not a
@@ -35,12 +35,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .checkpoints import CheckpointError
     from .data import DataError
     from .distributed import DistributedError
+    from .geometry import LandscapeError
     from .models import ModelError
     from .phase1 import TrainingDiverged
     from .recipe import RecipeError
 
     return (RecipeError, DataError, ModelError, DistributedError, TrainingDiverged, CheckpointError, FileExistsError,
-            PermissionError)
+            PermissionError, LandscapeError)
 
 
 def run_dir_for(recipe, out: Path | None) -> Path:
@@ -199,6 +200,74 @@ def export(
     except _known_errors() as e:
         _fail(str(e), debug)
     print(f"exported {run_dir} to {out}: timm.create_model('local-dir:{out}', pretrained=True) loads it")
+
+
+@app.command()
+def landscape(
+    run_dir: Annotated[Path, typer.Argument(help="A finished SWAP run directory.")],
+    points: Annotated[str, typer.Option(help="Three models spanning the plane: LB (phase 1's end), W<k> (worker k), "
+                                             "SWAP (the average); e.g. LB,W0,SWAP or W0,W1,W2.")] = "LB,W0,SWAP",
+    grid: Annotated[int, typer.Option(min=2, help="Grid points per axis (the paper's figures: about 21).")] = 9,
+    bn_samples: Annotated[int, typer.Option(min=1, help="Training images for each point's BN statistics.")] = 500,
+    train_samples: Annotated[int, typer.Option(min=1, help="Training images for each point's train error.")] = 1000,
+    test_samples: Annotated[int, typer.Option(min=1, help="Test images for each point's test error.")] = 1000,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/landscape).")] = None,
+    debug: Debug = False,
+) -> None:
+    """Train and test error on the plane through three models of a run, BN recomputed at every grid point (paper
+    section 4, Figures 2-3): landscape.png and landscape.json. `accelerate launch -m swap_accel landscape` spreads
+    the grid over the processes."""
+    try:
+        from .geometry import LandscapeError
+        from .landscape import landscape as run
+        from .landscape import model_path
+
+        names = [n.strip() for n in points.split(",")]
+        if len(names) != 3 or len(set(names)) != 3:
+            raise LandscapeError(f"--points {points!r} must name three different models, e.g. LB,W0,SWAP")
+        if not (run_dir / "recipe.yaml").is_file():
+            raise LandscapeError(f"{run_dir} is not a run directory (no recipe.yaml); pass the --out of a train run")
+        for name in names:
+            model_path(run_dir, name)
+        result = run(run_dir, names, grid=grid, bn_samples=bn_samples, train_samples=train_samples,
+                     test_samples=test_samples, out=out or run_dir / "landscape")
+    except _known_errors() as e:
+        _fail(str(e), debug)
+    if result:
+        best = result["best"]
+        print(f"landscape of {', '.join(names)}: {grid}x{grid} points on {result['processes']} process(es); best "
+              f"test error {100 * best['test_error']:.2f}% at ({best['x']:.3g}, {best['y']:.3g}); "
+              + ", ".join(f"{m['name']} {100 * m['test_error']:.2f}%" for m in result["models"])
+              + f"; {out or run_dir / 'landscape'}/landscape.png")
+
+
+@app.command()
+def cosine(
+    run_dir: Annotated[Path, typer.Argument(help="A finished SWAP run directory.")],
+    worker: Annotated[int, typer.Option(min=0, help="The worker whose phase-2 trajectory is followed.")] = 0,
+    samples: Annotated[int, typer.Option(min=1, help="Training images per gradient.")] = 2048,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/diagnostics).")] = None,
+    debug: Debug = False,
+) -> None:
+    """Cosine between a worker's descent direction and the direction to the averaged model along its phase 2
+    (paper section 4.2, Figure 4), from the worker's checkpoints: record more of them with
+    --set checkpoint.every_steps=S --set checkpoint.keep=K when training."""
+    try:
+        from .cosine import cosine_curve
+        from .geometry import LandscapeError
+
+        if not (run_dir / "recipe.yaml").is_file():
+            raise LandscapeError(f"{run_dir} is not a run directory (no recipe.yaml); pass the --out of a train run")
+        folder = out or run_dir / "diagnostics"
+        result = cosine_curve(run_dir, worker, samples, folder)
+    except _known_errors() as e:
+        _fail(str(e), debug)
+    points = result["points"]
+    print(f"worker {worker}: {len(points)} points from step {points[0]['step']} to {points[-1]['step']}; cosine "
+          + " -> ".join(f"{p['cosine']:.3f}" for p in points) + f"; {folder}/cosine_w{worker}.png")
+    if len(points) < 3:
+        print("only the start and the end were kept: train with --set checkpoint.every_steps=S --set "
+              "checkpoint.keep=K for a curve (cosine.py)")
 
 
 @app.command()

@@ -39,19 +39,19 @@ def evaluate_shared(module: nn.Module, loader, accelerator: Accelerator) -> tupl
 
 @torch.no_grad()
 def evaluate_local(module: nn.Module, source: DataSource, batch_size: int, accelerator: Accelerator,
-                   group=None, member: int = 0, members: int = 1) -> float:
-    """Accuracy of one worker's model over the whole test set: on this process alone (no collectives), or
-    split over the `members` processes of its worker `group`, one sum inside the group."""
+                   group=None, member: int = 0, members: int = 1, order: torch.Tensor | None = None) -> float:
+    """Accuracy of one worker's model over the whole test set (or the samples `order`): on this process alone
+    (no collectives), or split over the `members` processes of its worker `group`, one sum inside the group."""
     module.eval()
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    order = torch.arange(source.num_samples).tensor_split(members)[member]
-    for x, y in source.batches(order, batch_size, augment=False, generator=None):
+    order = torch.arange(source.num_samples) if order is None else order
+    for x, y in source.batches(order.tensor_split(members)[member], batch_size, augment=False, generator=None):
         with accelerator.autocast():
             correct += (module(x).argmax(1) == y).sum()
     module.train()
     if group is not None:
         all_reduce_sum(correct, accelerator, group)
-    return correct.item() / source.num_samples
+    return correct.item() / len(order)
 
 
 @torch.no_grad()
