@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -58,6 +59,19 @@ def launch(num_processes: int, recipe: Path, out: Path, *extra: str, timeout: in
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
     return result
+
+
+def run_on_ranks(script: str, tmp: Path, processes: int = 2) -> list[dict]:
+    """Run `script` as `processes` real torchrun ranks of one group; rank r writes its JSON result to
+    argv[1]/rank<r>.json. One file per rank: ranks printing to one pipe may interleave their lines (it once lost a
+    CI run one rank's result)."""
+    path = tmp / "on_ranks.py"
+    path.write_text(script)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                           "--master_port", str(free_port()), str(path), str(tmp)], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
 # ------------------------------------------------------------------ kill and rerun (issue 4, issue 9)

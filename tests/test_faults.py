@@ -8,12 +8,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from launching import ENV, ROOT, checkpoints, free_port, kill_when, needs_fashion, start, tiny_recipe, train_command
+from launching import (
+    ENV,
+    ROOT,
+    checkpoints,
+    free_port,
+    kill_when,
+    needs_fashion,
+    run_on_ranks,
+    start,
+    tiny_recipe,
+    train_command,
+)
 
 from swap_accel.phase2 import _member_seed
 from swap_accel.resume import loop_state, restore_loop
@@ -58,18 +68,12 @@ SCRIPT = textwrap.dedent("""
     # 3. Rank 0 decides where the run resumes; a rank whose view lags takes rank 0's decision.
     mine = Start(phase1_step=Path(f"/seen/by/rank{rank}"))
     out["start"] = str(broadcast_object(mine if rank == 0 else None, acc).phase1_step)
-    print("RESULT", json.dumps(out), flush=True)
+    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(out))
 """)
 
 
 def test_rank_decisions_buffers_and_timeout_with_two_real_processes(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(SCRIPT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script)], capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(results) == 2
+    results = run_on_ranks(SCRIPT, tmp_path)
     for out in results:
         assert out["stopped"] is True  # both, although only rank 1 holds the NaN
         assert out["w"] == [0.5] * 3 and out["ema"] == [15.0, 15.0]
