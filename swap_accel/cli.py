@@ -1,4 +1,5 @@
-"""Command line: `train`, `validate`, `average`, `report`, `export`, `landscape`, `cosine`, `models` (typer).
+"""Command line: `train`, `validate`, `average`, `report`, `export`, `landscape`, `cosine`, `transition`, `models`
+(typer).
 
 Everything that can be checked before a process group forms is checked here first (recipe,
 process count, model name, data files, output directory), so a typo costs seconds, not a
@@ -39,9 +40,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelError
     from .phase1 import TrainingDiverged
     from .recipe import RecipeError
+    from .transition import TransitionError
 
     return (RecipeError, DataError, ModelError, DistributedError, TrainingDiverged, CheckpointError, FileExistsError,
-            PermissionError, LandscapeError)
+            PermissionError, LandscapeError, TransitionError)
 
 
 def run_dir_for(recipe, out: Path | None) -> Path:
@@ -268,6 +270,43 @@ def cosine(
     if len(points) < 3:
         print("only the start and the end were kept: train with --set checkpoint.every_steps=S --set "
               "checkpoint.keep=K for a curve (cosine.py)")
+
+
+@app.command()
+def transition(
+    recipe: Annotated[Path, typer.Argument(help="A SWAP recipe YAML, e.g. recipes/fashion_mnist.yaml")],
+    candidates: Annotated[str, typer.Option(help="Training accuracies to try as τ, comma-separated.")] = \
+        "0.85,0.88,0.90,0.92",
+    overrides: Overrides = None,
+    num_processes: Annotated[int, typer.Option(min=1, help="Processes of every launched run.")] = 2,
+    config_file: Annotated[Path | None, typer.Option(help="accelerate config for the launches (default: "
+                                                          "./accelerate_config.yaml if present).")] = None,
+    holdout_samples: Annotated[int | None, typer.Option(min=1, help="Training images held out to choose τ on "
+                                                                    "(default: the recipe's data.holdout_samples, "
+                                                                    "else 5000).")] = None,
+    phase2_epochs: Annotated[int | None, typer.Option(min=1, help="Phase-2 epochs of every candidate (default: "
+                                                                  "the recipe's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<name>-transition).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start the search over in --out.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Choose τ (paper section 6): one phase-1 run keeps its state at each candidate, a short phase 2 runs from
+    each, and τ is recommended by the averaged model's held-out accuracy against parallel-equivalent time; phase 1
+    also reports the gradient noise scale B_simple. Run it as a plain command: it launches the runs itself."""
+    try:
+        from .recipe import load_recipe
+        from .transition import parse_candidates, print_report
+        from .transition import run as search
+
+        taus = parse_candidates(candidates)
+        default_config = Path("accelerate_config.yaml")
+        folder = out or Path("runs") / f"{run_dir_for(load_recipe(recipe, overrides or []), None).name}-transition"
+        report = search(recipe, overrides or [], taus, folder, num_processes=num_processes,
+                        config_file=config_file or (default_config if default_config.is_file() else None),
+                        holdout=holdout_samples, phase2_epochs=phase2_epochs, overwrite=overwrite)
+    except _known_errors() as e:
+        _fail(str(e), debug)
+    print_report(report)
 
 
 @app.command()

@@ -463,6 +463,26 @@ def _subset(num_samples: int, k: int | None, key: str) -> Tensor | None:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(0))[:k].sort().values
 
 
+def _indices(num_samples: int, cfg: DataConfig, split: str) -> Tensor | None:
+    """The samples of its split a source holds (None: all). "train" and "holdout" (issue 12) share one seed-0
+    permutation of the training split: train_subset takes its first samples, data.holdout_samples its last, so
+    the two never overlap and setting a hold-out leaves an explicit train_subset as it was."""
+    if split == "test":
+        return _subset(num_samples, cfg.test_subset, "test_subset")
+    held = cfg.holdout_samples
+    if not held:
+        if split == "holdout":
+            raise DataError("no held-out split: set data.holdout_samples=N to carve N images out of the training "
+                            "split (they are then not trained on)")
+        return _subset(num_samples, cfg.train_subset, "train_subset")
+    train = cfg.train_subset or num_samples - held
+    if train < 1 or train + held > num_samples:
+        raise DataError(f"data.holdout_samples={held} plus {train} training images exceed the {num_samples} samples "
+                        "of the training split; lower data.holdout_samples or data.train_subset")
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(0))
+    return (order[:train] if split == "train" else order[num_samples - held :]).sort().values
+
+
 def _check_size(cfg: DataConfig, images: Tensor) -> None:
     # In-memory data trains at its native size; resizing belongs to the streaming path's transforms.
     if cfg.image_size is not None and images.shape[2:] != (cfg.image_size, cfg.image_size):
@@ -490,17 +510,17 @@ def prepare_data(cfg: DataConfig) -> None:
 
 
 def load_data(cfg: DataConfig, device: torch.device, *, split: str) -> DataSource:
-    """The "train" or "test" source (cfg.train_split / cfg.test_split), subset per cfg.train_subset/test_subset.
+    """The "train", "test" or "holdout" source: cfg.train_split less the held-out images (`_indices`), cfg.test_split,
+    or the held-out images of cfg.train_split; subset per cfg.train_subset/test_subset.
 
-    In-memory sources of either split normalize with the train split's statistics.
+    In-memory sources of any split normalize with the train split's statistics.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    split_name = cfg.train_split if split == "train" else cfg.test_split
-    subset_key = f"{split}_subset"
+    if split not in ("train", "test", "holdout"):
+        raise ValueError(f"split must be 'train', 'test' or 'holdout', got {split!r}")
+    split_name = cfg.test_split if split == "test" else cfg.train_split
     if cfg.source == "fashion_mnist":
         images, labels, stats = _load_fashion_mnist(cfg, split_name)
-        idx = _subset(len(labels), getattr(cfg, subset_key), subset_key)
+        idx = _indices(len(labels), cfg, split)
         if idx is not None:
             images, labels = images[idx], labels[idx]
         _check_size(cfg, images)
@@ -510,7 +530,7 @@ def load_data(cfg: DataConfig, device: torch.device, *, split: str) -> DataSourc
     ds = _split(splits, split_name, cfg)
     image, label, names = _columns(ds, cfg)
     labels = _labels(ds, label, len(names), cfg)
-    idx = _subset(len(ds), getattr(cfg, subset_key), subset_key)
+    idx = _indices(len(ds), cfg, split)
     if idx is not None:
         ds, labels = ds.select(idx.tolist()), labels[idx]
     if not cfg.in_memory:

@@ -99,7 +99,8 @@ class Monitor:
         tracking.log(self.accelerator, {
             "phase": 1, "epoch": row["epoch"], "phase1/lr": row["lr"], "phase1/train_loss": row["train_loss"],
             "phase1/train_acc": row["train_acc"], "phase1/images_per_s": row["images_per_s"],
-            "phase1/test_acc": row.get("test_acc")}, step=row["step"])
+            "phase1/test_acc": row.get("test_acc"),
+            "phase1/noise_scale": (row.get("noise_scale") or {}).get("b_simple")}, step=row["step"])
         self.progress.epoch(row)
 
     def _phase2(self, row: dict) -> None:

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from .bn import bn_layers
 from .data import DataSource
 from .distributed import all_reduce_sum, all_true
+from .noise_scale import SLOTS, GradientNoise
 from .precision import LossScale
 from .recipe import OptimizerConfig, Phase1Config
 from .resume import Checkpointer, restore_loop, restore_optimizer
@@ -94,6 +95,7 @@ def train_phase1(
     log,
     ckpt: Checkpointer,
     resume: Path | None = None,
+    noise: GradientNoise | None = None,
 ) -> Phase1Result:
     p, rank = accelerator.num_processes, accelerator.process_index
     per_process = cfg.global_batch_size // p
@@ -120,10 +122,13 @@ def train_phase1(
         order = phase1_shard(source.num_samples, seed=seed, epoch=epoch, global_batch=cfg.global_batch_size,
                              rank=rank, num_processes=p)
         batches = source.batches(order[done * per_process :], micro, augment=True, generator=augment_gen)
-        # Sums stay on the device all epoch: no host sync per step. [3] is this rank's epoch time, for `calibrate`.
-        totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        # Sums stay on the device all epoch: no host sync per step. [3] is this rank's epoch time, for `calibrate`;
+        # [4:6] the gradient-noise sums (noise_scale.py), filled by DDP's comm hook through a view.
+        totals = torch.zeros(6, dtype=torch.float64, device=accelerator.device)
         if epoch == first_epoch and resumed_totals is not None:
-            totals = resumed_totals
+            totals[: resumed_totals.numel()] = resumed_totals
+        if noise is not None:
+            noise.sums = totals[SLOTS]
         for i in log.steps(range(done, steps_per_epoch), phase=1, epoch=epoch, epochs=cfg.max_epochs,
                            total=steps_per_epoch):
             lr = lr_at(result.steps)
@@ -150,7 +155,7 @@ def train_phase1(
                 ckpt.save_phase1(accelerator.unwrap_model(model), optimizer, loss_scale, result, epoch=epoch,
                                  step_in_epoch=i + 1, totals=totals, generator=augment_gen)
         totals[3] = time.perf_counter() - epoch_start
-        loss_sum, correct, count, rank_seconds = all_reduce_sum(totals, accelerator).tolist()
+        loss_sum, correct, count, rank_seconds, *noise_sums = all_reduce_sum(totals, accelerator).tolist()
         # The same mean step time on every rank, so "every N minutes" picks the same step everywhere.
         ckpt.calibrate(rank_seconds / p / max(1, steps_per_epoch - done))
         result.epochs = epoch + 1
@@ -164,7 +169,14 @@ def train_phase1(
         lr = lr_at(result.steps - 1)
         row = {"phase": 1, "epoch": result.epochs, "step": result.steps, "lr": lr, "train_loss": result.train_loss,
                "train_acc": result.train_acc, "images_per_s": count / seconds, "seconds": seconds}
+        if noise is not None:  # issue 12: B_simple as a guide to the phase-1 batch size
+            row["noise_scale"] = noise.epoch_estimate(noise_sums, steps_per_epoch, p, cfg.global_batch_size)
         result.history.append(row)
+        # Issue 12's transition search: the weights phase 2 would start from, had τ been each candidate crossed.
+        for candidate in cfg.save_at_train_accuracy:
+            if result.train_acc >= candidate:
+                result.seconds = time.perf_counter() - start
+                ckpt.save_transition_point(accelerator.unwrap_model(model), result, candidate)
         start += log_off_clock(log, row)
         # τ is a fraction of the last epoch's training accuracy, identical on every rank after the all-reduce.
         if tau is not None and result.train_acc >= tau:

@@ -63,6 +63,8 @@ class Progress:
             line += f" | test acc {100 * row['test_acc']:.2f}%"
         if averaged is not None:
             line += f" | averaged {100 * averaged:.2f}%"
+        if (row.get("noise_scale") or {}).get("b_simple") is not None:
+            line += f" | B_simple {row['noise_scale']['b_simple']:.0f}"
         self.console.print(line, highlight=False, soft_wrap=True)
         if self.bar is not None:
             self.bar.update(self.task, stats=f"loss {row['train_loss']:.3f} · acc {100 * row['train_acc']:.1f}% · "

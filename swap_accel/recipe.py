@@ -51,6 +51,10 @@ class DataConfig(Strict):
     image_size: int | None = Field(None, gt=0)
     train_subset: int | None = Field(None, gt=0)
     test_subset: int | None = Field(None, gt=0)
+    # Held-out images carved from the training split and never trained on (issue 12's transition search picks τ
+    # on them, never on the test set). Here, not under `eval`, so that every loader of the training split
+    # leaves them out by construction: the last N of the same seed-0 permutation train_subset takes first from.
+    holdout_samples: int | None = Field(None, gt=0)
     num_workers: int = Field(4, ge=0)
     cache_dir: Path | None = None
     augment: AugmentConfig = AugmentConfig()
@@ -105,7 +109,18 @@ class Phase1Config(Strict):
     max_epochs: int = Field(gt=0)
     # τ: leave phase 1 once the all-reduced training accuracy of the last epoch reaches it.
     stop_train_accuracy: float | None = Field(None, gt=0, le=1)
+    # Issue 12: also keep phase 1's state at the end of the epoch whose training accuracy first reaches each of
+    # these (checkpoints/p1-tau<τ>), to start phase 2 from several transition points of one phase-1 run.
+    save_at_train_accuracy: list[float] = []
     lr: LRConfig
+
+    @field_validator("save_at_train_accuracy")
+    @classmethod
+    def _fractions(cls, values: list[float]) -> list[float]:
+        if any(not 0 < v <= 1 for v in values):
+            raise ValueError(f"phase1.save_at_train_accuracy={values}: each must be a training accuracy in (0, 1], "
+                             "e.g. [0.85, 0.9]")
+        return sorted(set(values))
 
 
 class Phase2Config(Strict):

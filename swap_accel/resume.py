@@ -284,6 +284,16 @@ class Checkpointer:
         self.last_good = self.root / name
         self._mark(result.steps)
 
+    def save_transition_point(self, module, result, tau: float) -> None:
+        """`p1-tau<τ>`: phase 1 as a run with this τ would end it (issue 12), kept once and by rank 0, as p1-end
+        is; `--from-phase1` takes it. A resumed phase 1 that crossed τ before the kill does not write it again."""
+        name = f"p1-tau{tau:g}"
+        if self.rank == 0 and not (self.root / name / "manifest.json").exists():
+            staging = self._staging(name)
+            save_weights(staging / "model.safetensors", module)
+            self._commit(staging, name, ["model.safetensors"], "phase1-end", result.steps,
+                         {"tau": tau, "result": {**dataclasses.asdict(result), "reached_tau": True}})
+
     def save_end(self, module, name: str, kind: str, step: int, info: dict) -> Path:
         """End of phase 1 (rank 0, the weights every rank holds after the buffer broadcast) or of one worker."""
         staging = self._staging(name)

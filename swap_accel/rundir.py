@@ -46,6 +46,17 @@ def _first_difference(old, new, where: str = "") -> str | None:
     return None if old == new else f"{where}: {old!r} -> {new!r}"
 
 
+def recipe_difference(recipe: Recipe, stored: dict) -> str | None:
+    """The first computed setting in which a stored (resolved) recipe differs from `recipe`; None: the same run."""
+    old = {k: v for k, v in stored.items() if k not in _NOT_COMPUTED}
+    try:  # validating the stored recipe fills keys added since with their defaults
+        old = {k: v for k, v in Recipe.model_validate(old).model_dump(mode="json").items() if k not in _NOT_COMPUTED}
+    except ValueError:
+        pass  # a recipe of an older schema: compared as written, so it differs where it must
+    new = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in _NOT_COMPUTED}
+    return _first_difference(old, new)
+
+
 def check_writable(run_dir: Path) -> None:
     """Create nothing, but prove a file can be created where the run directory is (or will be)."""
     existing = run_dir
@@ -71,9 +82,7 @@ def check_run_dir(recipe: Recipe, run_dir: Path, num_processes: int, overwrite: 
     if (run_dir / "results.json").exists():
         raise FileExistsError(f"{run_dir} already holds a finished run; pass --overwrite or choose --out DIR")
     if (run_dir / "recipe.yaml").exists():
-        old = {k: v for k, v in yaml.safe_load((run_dir / "recipe.yaml").read_text()).items() if k not in _NOT_COMPUTED}
-        new = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in _NOT_COMPUTED}
-        diff = _first_difference(old, new)
+        diff = recipe_difference(recipe, yaml.safe_load((run_dir / "recipe.yaml").read_text()))
         if diff:
             raise CheckpointError(f"{run_dir} holds an unfinished run of another recipe ({diff}); rerun the same "
                                   "recipe to resume it, pass --overwrite to start over, or choose --out DIR")

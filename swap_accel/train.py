@@ -36,6 +36,7 @@ from .evaluate import evaluate_recalibrated, evaluate_shared
 from .liveness import BEAT_SECONDS, DEAD_AFTER_BEATS, Heartbeat, wait_for_all
 from .models import build_model
 from .monitor import Monitor
+from .noise_scale import GradientNoise
 from .phase1 import Phase1Result, train_phase1, warn_ghost_batchnorm
 from .phase2 import make_sgd
 from .progress import Progress
@@ -86,8 +87,15 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         module.compile()  # nn.Module.compile: DDP, phase 2, BN recalibration and evaluation all use it
     model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, recipe.phase1.lr.peak,
                                                                    fp16=recipe.mixed_precision == "fp16"))
-    counter.watch_ddp(model)
+    # Phase 1's comm hook also measures the gradient noise scale (issue 12). Not with fp16: its gradients carry
+    # the loss scale, which changes at skips and growths, and overflow to inf.
+    noise = None if recipe.mixed_precision == "fp16" else GradientNoise.attach(model)
+    if noise is None:
+        counter.watch_ddp(model)
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
+    # Issue 12: a held-out split of the training data, for choices that must not look at the test set.
+    holdout_loader = recipe.data.holdout_samples and accelerator.prepare(
+        load_data(recipe.data, accelerator.device, split="holdout").eval_loader(recipe.eval.batch_size))
     module = accelerator.unwrap_model(model)
     tracking.start(accelerator, recipe, run_dir)
     log = Monitor(accelerator, recipe, counter, module, train_data, test_data, test_loader, Progress(accelerator),
@@ -109,7 +117,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     with counter.phase("phase1"):
         if start.phase1_end is None:
             p1 = train_phase1(model, optimizer, train_data, recipe.phase1, recipe.optimizer, accelerator,
-                              seed=recipe.seed, log=log, ckpt=ckpt, resume=start.phase1_step,
+                              seed=recipe.seed, log=log, ckpt=ckpt, resume=start.phase1_step, noise=noise,
                               # The paper's SGD baselines train their whole epoch budget (Tables 5-6: "100 %").
                               tau=recipe.phase1.stop_train_accuracy if recipe.mode == "swap" else None)
             broadcast_buffers_(module, accelerator)
@@ -146,9 +154,10 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                    "train_loss": p1.train_loss, "reached_tau": p1.reached_tau, "test_acc": p1_test_acc,
                    "test_acc_bn": p1_test_acc_bn if recipe.mode == "sgd" else None,
                    "global_batch_size": recipe.phase1.global_batch_size, "loss_scale": p1.loss_scale,
+                   "noise_scale": p1.history[-1].get("noise_scale") if p1.history else None,
                    "history": p1.history},
         "phase2": None, "phase3": None, "workers": [], "before_averaging": None, "after_averaging": None,
-        "test_acc": p1_test_acc, "critical_path_steps": p1.steps,
+        "test_acc": p1_test_acc, "holdout_acc": None, "critical_path_steps": p1.steps,
     }
 
     if recipe.mode == "swap":
@@ -211,6 +220,9 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
             "critical_path_steps": p1.steps + first.steps,
         })
 
+    if holdout_loader:  # the final model (the average, or the baseline) on the held-out training images (issue 12)
+        with counter.phase("evaluation"):
+            results["holdout_acc"], _ = evaluate_shared(module, holdout_loader, accelerator)
     # Collective counts of every rank (counted, not assumed); this gather itself is in "report".
     with counter.phase("report"):
         calls = torch.tensor([[counter.calls[p], counter.bytes[p]] for p in PHASES], device=accelerator.device)

@@ -1,0 +1,70 @@
+"""The gradient noise scale B_simple during phase 1 (issue 12), a guide to the phase-1 batch size.
+
+McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", appendix A.1): B_simple = tr(Σ) / |G|²,
+with G the true gradient and Σ the per-sample gradient covariance. Two unbiased estimates come free from
+data-parallel training: each process's gradient over its own B_small samples (before the all-reduce) and the
+all-reduced gradient over the global B_big = P · B_small. Since E|g_B|² = |G|² + tr(Σ)/B,
+
+    |G|²   ≈ (B_big |g_big|² − B_small |g_small|²) / (B_big − B_small)
+    tr(Σ)  ≈ (|g_small|² − |g_big|²) / (1/B_small − 1/B_big)
+
+Numerator and denominator are averaged over an epoch's steps (and the processes) before the ratio, as
+k-diffusion's DDP gradient-noise hook and gpt-neox smooth them separately: the ratio of two noisy estimates
+is biased, their averages are not. The squared norms are taken inside DDP's comm hook, where the local
+gradient exists just before the all-reduce; they accumulate on the device (no host sync per step) into the
+slots of phase 1's epoch sums that the epoch's one all-reduce already carries (phase1.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+# Where the two sums live in phase 1's per-epoch `totals`: [loss, correct, count, seconds, local², global²].
+SLOTS = slice(4, 6)
+
+
+def estimate(small_sq: float, big_sq: float, b_small: int, b_big: int) -> dict:
+    """|G|², tr(Σ) and B_simple from mean squared gradient norms at batch sizes b_small < b_big."""
+    g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+    trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
+    # |G|² can come out <= 0 when noise dominates an epoch's few steps: B_simple is then undefined, not huge.
+    return {"grad_sq": g2, "trace_cov": trace, "b_simple": trace / g2 if g2 > 0 else None}
+
+
+class GradientNoise:
+    """DDP comm hook state: the stock all-reduce (so the collective counter still sees it, counting.py), plus
+    the squared norm of this process's gradient before it and of the all-reduced gradient after it."""
+
+    def __init__(self, process_group=None) -> None:
+        self.process_group = process_group
+        self.sums: torch.Tensor | None = None  # a view into the current epoch's totals, set by phase 1
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module) -> GradientNoise | None:
+        """Register on a DDP model; None when the model is not data-parallel (one process: no B_big)."""
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return None
+        noise = cls()
+        model.register_comm_hook(noise, _hook)
+        return noise
+
+    def epoch_estimate(self, summed: list[float], steps: int, num_processes: int, global_batch: int) -> dict:
+        """The epoch's estimate from the all-reduced sums (each rank added its local² and the same global²)."""
+        local_sq, global_sq = (s / (steps * num_processes) for s in summed)
+        return estimate(local_sq, global_sq, global_batch // num_processes, global_batch)
+
+
+def _hook(state: GradientNoise, bucket):
+    local = bucket.buffer()
+    if state.sums is not None:
+        state.sums[0] += local.double().pow(2).sum()  # before allreduce_hook divides the buffer in place
+    future = allreduce_hook(state.process_group, bucket)
+
+    def after(fut):
+        reduced = fut.value()  # allreduce_hook's future yields the averaged bucket itself
+        if state.sums is not None:
+            state.sums[1] += reduced.double().pow(2).sum()
+        return reduced
+
+    return future.then(after)
