@@ -10,9 +10,12 @@ all-reduced gradient over the global B_big = P · B_small. Since E|g_B|² = |G|�
 
 Numerator and denominator are averaged over an epoch's steps (and the processes) before the ratio, as
 k-diffusion's DDP gradient-noise hook and gpt-neox smooth them separately: the ratio of two noisy estimates
-is biased, their averages are not. The squared norms are taken inside DDP's comm hook, where the local
-gradient exists just before the all-reduce; they accumulate on the device (no host sync per step) into the
-slots of phase 1's epoch sums that the epoch's one all-reduce already carries (phase1.py).
+is biased, their averages are not. The local squared norm is taken inside DDP's comm hook, where the local
+gradient exists just before the all-reduce (the hook runs in the backward pass, one bucket after another); the
+averaged one after the backward from `.grad`, which then holds the all-reduced gradient (not in the all-reduce's
+completion callbacks, which may run concurrently for different buckets and would race on one sum). Both accumulate
+on the device (no host sync per step) into the slots of phase 1's epoch sums that the epoch's one all-reduce already
+carries (phase1.py).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ def estimate(small_sq: float, big_sq: float, b_small: int, b_big: int) -> dict:
 
 
 class GradientNoise:
-    """DDP comm hook state: the stock all-reduce (so the collective counter still sees it, counting.py), plus
-    the squared norm of this process's gradient before it and of the all-reduced gradient after it."""
+    """DDP comm hook state: the stock all-reduce (so the collective counter still sees it, counting.py), plus the
+    squared norm of this process's gradient before it; `add_reduced` adds the all-reduced gradient's after the step's
+    backward."""
 
     def __init__(self, process_group=None) -> None:
         self.process_group = process_group
@@ -42,12 +46,17 @@ class GradientNoise:
 
     @classmethod
     def attach(cls, model: torch.nn.Module) -> GradientNoise | None:
-        """Register on a DDP model; None when the model is not data-parallel (one process: no B_big)."""
-        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return None
+        """Register on a DDP model; None when it is not data-parallel over several processes."""
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel) or model.process_group.size() < 2:
+            return None  # one process (also a one-process group, benchmarks/gpu_check.py): B_small = B_big
         noise = cls()
         model.register_comm_hook(noise, _hook)
         return noise
+
+    def add_reduced(self, module: torch.nn.Module) -> None:
+        """After a synchronised backward: the squared norm of the all-reduced gradient (what `.grad` now holds)."""
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.sums[1] += torch.nn.utils.get_total_norm(grads, norm_type=2.0).double().square()
 
     def epoch_estimate(self, summed: list[float], steps: int, num_processes: int, global_batch: int) -> dict:
         """The epoch's estimate from the all-reduced sums (each rank added its local² and the same global²)."""
@@ -56,15 +65,6 @@ class GradientNoise:
 
 
 def _hook(state: GradientNoise, bucket):
-    local = bucket.buffer()
-    if state.sums is not None:
-        state.sums[0] += local.double().pow(2).sum()  # before allreduce_hook divides the buffer in place
-    future = allreduce_hook(state.process_group, bucket)
-
-    def after(fut):
-        reduced = fut.value()  # allreduce_hook's future yields the averaged bucket itself
-        if state.sums is not None:
-            state.sums[1] += reduced.double().pow(2).sum()
-        return reduced
-
-    return future.then(after)
+    if state.sums is not None:  # before allreduce_hook divides the buffer in place
+        state.sums[0] += bucket.buffer().double().pow(2).sum()
+    return allreduce_hook(state.process_group, bucket)

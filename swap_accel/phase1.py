@@ -125,8 +125,11 @@ def train_phase1(
         # Sums stay on the device all epoch: no host sync per step. [3] is this rank's epoch time, for `calibrate`;
         # [4:6] the gradient-noise sums (noise_scale.py), filled by DDP's comm hook through a view.
         totals = torch.zeros(6, dtype=torch.float64, device=accelerator.device)
+        noise_steps = steps_per_epoch
         if epoch == first_epoch and resumed_totals is not None:
             totals[: resumed_totals.numel()] = resumed_totals
+            if resumed_totals.numel() < totals.numel():  # a checkpoint from before the noise sums: this run's steps
+                noise_steps = steps_per_epoch - done
         if noise is not None:
             noise.sums = totals[SLOTS]
         for i in log.steps(range(done, steps_per_epoch), phase=1, epoch=epoch, epochs=cfg.max_epochs,
@@ -145,6 +148,8 @@ def train_phase1(
                 totals[0] += loss.detach() * y.numel()
                 totals[1] += (logits.argmax(1) == y).sum()
                 totals[2] += y.numel()
+            if noise is not None:
+                noise.add_reduced(model)
             loss_scale.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             result.steps += 1
@@ -170,13 +175,17 @@ def train_phase1(
         row = {"phase": 1, "epoch": result.epochs, "step": result.steps, "lr": lr, "train_loss": result.train_loss,
                "train_acc": result.train_acc, "images_per_s": count / seconds, "seconds": seconds}
         if noise is not None:  # issue 12: B_simple as a guide to the phase-1 batch size
-            row["noise_scale"] = noise.epoch_estimate(noise_sums, steps_per_epoch, p, cfg.global_batch_size)
+            row["noise_scale"] = noise.epoch_estimate(noise_sums, noise_steps, p, cfg.global_batch_size)
         result.history.append(row)
         # Issue 12's transition search: the weights phase 2 would start from, had τ been each candidate crossed.
-        for candidate in cfg.save_at_train_accuracy:
-            if result.train_acc >= candidate:
-                result.seconds = time.perf_counter() - start
+        # Off the clock like monitoring: writing them is the search's cost, not phase 1's for a higher τ.
+        reached = [c for c in cfg.save_at_train_accuracy if result.train_acc >= c]
+        if reached:
+            result.seconds, result.loss_scale = time.perf_counter() - start, loss_scale.summary()
+            saving = time.perf_counter()
+            for candidate in reached:
                 ckpt.save_transition_point(accelerator.unwrap_model(model), result, candidate)
+            start += time.perf_counter() - saving
         start += log_off_clock(log, row)
         # τ is a fraction of the last epoch's training accuracy, identical on every rank after the all-reduce.
         if tau is not None and result.train_acc >= tau:

@@ -72,6 +72,8 @@ def _launch(recipe_path: Path, overrides: list[str], out: Path, num_processes: i
     if (out / "results.json").exists():
         finished = json.loads((out / "results.json").read_text())
         diff = recipe_difference(wanted, finished["recipe"])
+        if diff is None and finished["num_processes"] != num_processes:  # its times would not compare
+            diff = f"num_processes: {finished['num_processes']} -> {num_processes}"
         if diff is None:
             print(f"[transition] {label}: reusing the finished run in {out}", flush=True)
             return finished
@@ -129,8 +131,11 @@ def run(recipe_path: Path, overrides: list[str], candidates: list[float], out: P
     top = max(candidates)
     main_dir = candidate_dir(out, top)
     first_recipe, _ = preflight(recipe_path, first, num_processes, main_dir, overwrite=True)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    if overwrite:  # only what a search writes: --out may be a folder that also holds other runs
+        for old in out.glob("tau*"):
+            shutil.rmtree(old)
+        for name in ("transition.json", "transition.png"):
+            (out / name).unlink(missing_ok=True)
     main = _launch(recipe_path, first, main_dir, num_processes, config_file, f"phase 1 to tau={top:g} and its phase 2")
     rows, skipped, by_step = [], [], {}
     for tau in reversed(candidates):  # the highest first: the phase-1 run's own phase 2 is its row
