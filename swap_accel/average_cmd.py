@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from .bn import recalibrate_bn_
 from .checkpoints import (
@@ -35,6 +36,7 @@ from .recipe import Recipe, dump_recipe
 from .report import averaging_summary, print_table, run_header
 from .resume import ROOT, check_model
 from .rundir import check_writable
+from .soup import greedy_soup, holdout_score
 
 _PHASES = ("setup", "phase3", "evaluation")
 
@@ -66,12 +68,30 @@ def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]
             raise CheckpointError(f"{path} and {same} are the same worker checkpoint; pass each worker once")
         seen[path.resolve()] = seen[manifest["files"]["model.safetensors"]["sha256"]] = path
         workers.append((path, manifest))
+    if recipe.phase3.selection == "greedy":
+        _check_held_out(workers, recipe)
     # Averaging only helps models that left one phase-1 solution together (paper section 3).
     origins = {m["phase1_params"] for _, m in workers if "phase1_params" in m}
     if len(origins) > 1:
         raise CheckpointError(f"the workers start from {len(origins)} different phase-1 models; average workers "
                               "that share one phase 1 (same run, or --from-phase1 of the same run)")
     return workers
+
+
+def _check_held_out(workers: list[tuple[Path, dict]], recipe: Recipe) -> None:
+    """Greedy selection (issue 11) is honest only on images no worker trained on: a worker whose run recorded its
+    recipe must have held out the very images this recipe holds out."""
+    for path, _ in workers:
+        stored = path.parent.parent / "recipe.yaml"
+        if stored.is_file():
+            data = (yaml.safe_load(stored.read_text()) or {}).get("data", {})
+            theirs = (data.get("holdout_samples"), data.get("train_subset"))
+            if theirs != (recipe.data.holdout_samples, recipe.data.train_subset):
+                raise CheckpointError(
+                    f"{path} was trained with data.holdout_samples={theirs[0]}, train_subset={theirs[1]}, but "
+                    f"greedy selection would judge it on data.holdout_samples={recipe.data.holdout_samples}, "
+                    f"train_subset={recipe.data.train_subset}: pass its run's recipe, so that the held-out images "
+                    "are ones it never trained on")
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -98,7 +118,8 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     module = build_model(recipe.model.name, in_chans=train_data.in_chans, num_classes=train_data.num_classes,
                          kwargs=recipe.model.kwargs, image_size=train_data.image_size).to(accelerator.device)
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
-    rows, total = [], None
+    greedy = recipe.phase3.selection == "greedy"  # issue 11: keeps every worker's state, not only the sum
+    rows, total, states = [], None, []
     for path, manifest in workers:
         load_weights_into(module, path)
         with counter.phase("evaluation"):
@@ -109,15 +130,25 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
                      "checkpoint": str(path)})
         # The same running sum of `flat_state` as train's phase 3 (workers.py): parameters and float buffers.
         total = flat_state(module) if total is None else total.add_(flat_state(module))
+        if greedy:
+            states.append(flat_state(module))
         if accelerator.is_main_process:  # numbered in the order given: two runs may each have a worker 0
             save_weights(_mkdir(out / "workers") / f"worker{len(rows) - 1}.safetensors", module,
                          {"worker": str(manifest["worker"]), "seed": str(manifest.get("seed")),
                           "checkpoint": str(path)})
     p3_start = time.perf_counter()
     with torch.no_grad(), counter.phase("phase3"):
-        load_flat_state_(module, total.div_(len(workers)))  # (a + b) / 2 exactly as phase 3's sum and division
-        bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
-                             batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
+        if greedy:
+            holdout = load_data(recipe.data, accelerator.device, split="holdout")
+            score = holdout_score(module, recipe, train_data,
+                                  accelerator.prepare(holdout.eval_loader(recipe.eval.batch_size)), accelerator)
+            selection = greedy_soup(module, states, score)
+            bn = score.bn
+        else:
+            load_flat_state_(module, total.div_(len(workers)))  # (a + b) / 2 exactly as phase 3's sum and division
+            bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
+                                 batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
+            selection = {"method": "uniform", "kept": list(range(len(workers)))}
     p3_seconds = time.perf_counter() - p3_start
     with counter.phase("evaluation"):
         final_acc, counted = evaluate_shared(module, test_loader, accelerator)
@@ -137,7 +168,7 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
                    "slowest_worker_seconds": max(r["seconds"] for r in rows),
                    "per_worker_batch_size": recipe.phase2.per_worker_batch_size if recipe.phase2 else None,
                    "history": workers[0][1]["result"]["history"]},
-        "phase3": {"seconds": p3_seconds, "averaged_values": total.numel(), "bn": bn},
+        "phase3": {"seconds": p3_seconds, "averaged_values": total.numel(), "bn": bn, "selection": selection},
         "workers": rows, **averaging_summary(accs, final_acc, counted),
         "critical_path_steps": p1.get("steps", 0) + steps,
         "collectives": {p: {"calls": counter.calls[p], "bytes": counter.bytes[p]} for p in _PHASES},

@@ -139,11 +139,14 @@ def average(
     recipe: Annotated[Path, typer.Option(help="The workers' recipe (model, data, BN and evaluation settings).")],
     out: Annotated[Path, typer.Option(help="Output directory: model.safetensors, workers/, results.json.")],
     overrides: Overrides = None,
+    selection: Annotated[str | None, typer.Option(help="uniform (every worker) or greedy (a greedy soup chosen on "
+                                                        "the recipe's data.holdout_samples); default: the "
+                                                        "recipe's phase3.selection.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace finished results in --out.")] = False,
     debug: Debug = False,
 ) -> None:
     """Average worker checkpoints, recompute BN statistics, evaluate: phase 3 for any set of workers, e.g. the
-    survivors of a run that lost one (phase 2 needs no worker to wait for another)."""
+    survivors of a run that lost one (phase 2 needs no worker to wait for another), or a greedy soup of them."""
     try:
         from .average_cmd import average as run
         from .average_cmd import check_out, resolve_workers
@@ -151,7 +154,7 @@ def average(
         from .models import check_model_name
         from .recipe import load_recipe
 
-        parsed = load_recipe(recipe, overrides or [])
+        parsed = load_recipe(recipe, [*(overrides or []), *([f"phase3.selection={selection}"] if selection else [])])
         check_model_name(parsed.model.name)
         workers = resolve_workers(checkpoints, parsed)
         check_out(out, overwrite)

@@ -185,6 +185,14 @@ class LossScaleConfig(Strict):
     growth_interval: PositiveInt = 2000
 
 
+class Phase3Config(Strict):
+    """Averaging the workers (paper Algorithm 1, phase 3)."""
+
+    # uniform: every worker with equal weight (the paper). greedy: a greedy soup (issue 11, soup.py) chosen on
+    # data.holdout_samples held-out training images: a worker joins only if the average does not get worse.
+    selection: Literal["uniform", "greedy"] = "uniform"
+
+
 class Recipe(Strict):
     name: str = "swap"
     mode: Literal["swap", "sgd"] = "swap"
@@ -198,6 +206,7 @@ class Recipe(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     phase1: Phase1Config
     phase2: Phase2Config | None = None
+    phase3: Phase3Config = Phase3Config()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -221,6 +230,9 @@ class Recipe(Strict):
                 raise ValueError("mode 'swap' needs a phase2 section (or set mode: sgd)")
             if self.phase1.stop_train_accuracy is None:
                 raise ValueError("mode 'swap' needs phase1.stop_train_accuracy (τ in (0, 1], e.g. 0.98)")
+        if self.phase3.selection == "greedy" and not self.data.holdout_samples:
+            raise ValueError("phase3.selection=greedy chooses workers on held-out training images: set "
+                             "data.holdout_samples=N (e.g. 5000), so that no worker trains on them")
         for section, epochs in (("phase1", self.phase1.max_epochs), ("phase2", self.phase2 and self.phase2.epochs)):
             if not epochs:
                 continue

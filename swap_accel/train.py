@@ -45,6 +45,7 @@ from .report import averaging_summary, print_table, run_header, table_rows
 from .resume import Checkpointer, find_start, finished_workers, load_result
 from .rundir import discard_outputs
 from .sampling import digest
+from .soup import finished_worker_states, greedy_soup, holdout_score
 from .workers import gathered_rows, run_workers
 
 # averaged_curve is issue 3's opt-in Figure-1 curve, counted apart so phase 2 itself stays at zero; phase2_in_group
@@ -94,7 +95,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         counter.watch_ddp(model)
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
     # Issue 12: a held-out split of the training data, for choices that must not look at the test set.
-    holdout_loader = recipe.data.holdout_samples and accelerator.prepare(
+    holdout_loader = None if recipe.data.holdout_samples is None else accelerator.prepare(
         load_data(recipe.data, accelerator.device, split="holdout").eval_loader(recipe.eval.batch_size))
     module = accelerator.unwrap_model(model)
     tracking.start(accelerator, recipe, run_dir)
@@ -186,9 +187,15 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
             raise lost(str(e)) from None
         log.drain()  # every worker is done: the tracker gets all rows that were still in flight
         with counter.phase("phase3"), peers_required(lambda: str(lost("one is gone"))):
-            averaged = average_workers_(module, p2.local_sum, layout.workers, accelerator)
-            bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
-                                 batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
+            if recipe.phase3.selection == "greedy":  # issue 11: a worker joins only if it does not hurt held-out
+                score = holdout_score(module, recipe, train_data, holdout_loader, accelerator)
+                states = finished_worker_states(run_dir, layout.workers, module)
+                selection, averaged, bn = greedy_soup(module, states, score), states[0].numel(), score.bn
+            else:
+                averaged = average_workers_(module, p2.local_sum, layout.workers, accelerator)
+                bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
+                                     batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
+                selection = {"method": "uniform", "kept": list(range(layout.workers))}
         p3_seconds = time.perf_counter() - p3_start
         eval_start = time.perf_counter()
         with counter.phase("evaluation"):
@@ -210,7 +217,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                        "per_worker_batch_size": recipe.phase2.per_worker_batch_size, "history": first.history,
                        "workers_history": log.workers_history(histories)},
             "averaged_curve": log.curve_summary(),
-            "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "bn": bn},
+            "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "bn": bn, "selection": selection},
             "workers": workers,
             **averaging_summary([w["test_acc"] for w in workers], final_acc, counted,
                                 [w["test_acc_bn"] for w in workers]),
@@ -220,7 +227,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
             "critical_path_steps": p1.steps + first.steps,
         })
 
-    if holdout_loader:  # the final model (the average, or the baseline) on the held-out training images (issue 12)
+    if holdout_loader is not None:  # the final model (the average, or the baseline) on held-out images (issue 12)
         with counter.phase("evaluation"):
             results["holdout_acc"], _ = evaluate_shared(module, holdout_loader, accelerator)
     # Collective counts of every rank (counted, not assumed); this gather itself is in "report".

@@ -1,0 +1,78 @@
+"""Greedy soup of workers (issue 11; Wortsman et al. 2022, "Model soups", the greedy recipe), with phase 3's exact
+BatchNorm recomputation for every candidate average and its evaluation spread over all processes.
+
+Phase 3 averages every worker with equal weight, so one worker that went wrong (a diverging learning rate, a bad
+node) drags the average down. Greedy selection orders the workers by their own held-out accuracy and adds each,
+best first, only if the average with it does at least as well on the held-out split (`data.holdout_samples`: images
+of the training split no worker trained on; never the test set). The kept workers are then averaged with equal
+weight. Every process computes the same sequence: the weights are read from the workers' checkpoints (or are already
+in memory, for `swap_accel average`), BN statistics are recomputed over all processes and the held-out accuracy is
+one sharded evaluation, so all ranks take each decision from the same all-reduced number.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .bn import recalibrate_bn_
+from .checkpoints import load_weights_into
+from .distributed import flat_state, load_flat_state_
+from .evaluate import evaluate_shared
+from .resume import ROOT
+
+
+@torch.no_grad()
+def greedy_soup(module: torch.nn.Module, flats: list[torch.Tensor], score: Callable[[], float]) -> dict:
+    """Leave `module` holding the greedy soup of the workers' `flat_state` vectors, BN recomputed by `score`.
+
+    `score()` recomputes BN statistics of `module` as phase 3 does and returns its held-out accuracy. Returns which
+    workers were kept (indices into `flats`), each one's own held-out accuracy, and the held-out curve of the
+    candidate averages in the order they were tried."""
+    individual = []
+    for flat in flats:
+        load_flat_state_(module, flat)
+        individual.append(score())
+    order = sorted(range(len(flats)), key=lambda k: (-individual[k], k))
+    kept, total, best = [order[0]], flats[order[0]].clone(), individual[order[0]]
+    curve = [{"worker": order[0], "holdout_acc": best, "kept": True}]
+    for k in order[1:]:
+        load_flat_state_(module, (total + flats[k]).div_(len(kept) + 1))
+        acc = score()
+        keep = acc >= best  # Wortsman et al.: keep an ingredient that does not hurt the held-out accuracy
+        curve.append({"worker": k, "holdout_acc": acc, "kept": keep})
+        if keep:
+            kept.append(k)
+            total.add_(flats[k])
+            best = acc
+    load_flat_state_(module, total.div_(len(kept)))
+    final = score()  # the soup's own BN statistics (the last candidate tried may have been rejected)
+    return {"method": "greedy", "kept": sorted(kept), "individual_holdout_acc": individual, "curve": curve,
+            "holdout_acc": final}
+
+
+
+def holdout_score(module: torch.nn.Module, recipe, train_data, holdout_loader, accelerator) -> Callable[[], float]:
+    """`score` for `greedy_soup`: phase 3's BN recomputation (same samples, same seed), then the held-out accuracy
+    of the model every process holds, evaluated in shards. The last recomputation's summary is kept in `.bn`."""
+    def score() -> float:
+        score.bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
+                                   batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
+        return evaluate_shared(module, holdout_loader, accelerator)[0]
+
+    score.bn = None
+    return score
+
+
+def finished_worker_states(run_dir: Path, workers: int, module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every worker's final `flat_state`, read by every process from its p2-w<k>-end checkpoint (the run directory is
+    shared, as phase 1's checkpoints already require): each rank holds only the running sum of its own workers."""
+    scratch = copy.deepcopy(module)
+    states = []
+    for k in range(workers):
+        load_weights_into(scratch, run_dir / ROOT / f"p2-w{k}-end")
+        states.append(flat_state(scratch))
+    return states
