@@ -142,7 +142,7 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
             holdout = load_data(recipe.data, accelerator.device, split="holdout")
             score = holdout_score(module, recipe, train_data,
                                   accelerator.prepare(holdout.eval_loader(recipe.eval.batch_size)), accelerator)
-            selection = greedy_soup(module, states, score)
+            selection = greedy_soup(module, states, score, recipe.phase3.greedy_tolerance)
             bn = score.bn
         else:
             load_flat_state_(module, total.div_(len(workers)))  # (a + b) / 2 exactly as phase 3's sum and division

@@ -26,7 +26,8 @@ from .resume import ROOT
 
 
 @torch.no_grad()
-def greedy_soup(module: torch.nn.Module, flats: list[torch.Tensor], score: Callable[[], float]) -> dict:
+def greedy_soup(module: torch.nn.Module, flats: list[torch.Tensor], score: Callable[[], float],
+                tolerance: float = 0.0) -> dict:
     """Leave `module` holding the greedy soup of the workers' `flat_state` vectors, BN recomputed by `score`.
 
     `score()` recomputes BN statistics of `module` as phase 3 does and returns its held-out accuracy. Returns which
@@ -42,16 +43,18 @@ def greedy_soup(module: torch.nn.Module, flats: list[torch.Tensor], score: Calla
     for k in order[1:]:
         load_flat_state_(module, (total + flats[k]).div_(len(kept) + 1))
         acc = score()
-        keep = acc >= best  # Wortsman et al.: keep an ingredient that does not hurt the held-out accuracy
+        # Wortsman et al. (tolerance 0): keep an ingredient that does not hurt the held-out accuracy. The best so
+        # far only rises, so a tolerance cannot let small losses add up.
+        keep = acc >= best - tolerance
         curve.append({"worker": k, "holdout_acc": acc, "kept": keep})
         if keep:
             kept.append(k)
             total.add_(flats[k])
-            best = acc
+            best = max(best, acc)
     load_flat_state_(module, total.div_(len(kept)))
     final = score()  # the soup's own BN statistics (the last candidate tried may have been rejected)
-    return {"method": "greedy", "kept": sorted(kept), "individual_holdout_acc": individual, "curve": curve,
-            "holdout_acc": final}
+    return {"method": "greedy", "tolerance": tolerance, "kept": sorted(kept), "individual_holdout_acc": individual,
+            "curve": curve, "holdout_acc": final}
 
 
 

@@ -190,7 +190,8 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
             if recipe.phase3.selection == "greedy":  # issue 11: a worker joins only if it does not hurt held-out
                 score = holdout_score(module, recipe, train_data, holdout_loader, accelerator)
                 states = finished_worker_states(run_dir, layout.workers, module)
-                selection, averaged, bn = greedy_soup(module, states, score), states[0].numel(), score.bn
+                selection = greedy_soup(module, states, score, recipe.phase3.greedy_tolerance)
+                averaged, bn = states[0].numel(), score.bn
             else:
                 averaged = average_workers_(module, p2.local_sum, layout.workers, accelerator)
                 bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,

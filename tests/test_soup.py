@@ -39,6 +39,11 @@ def test_greedy_keeps_workers_that_do_not_hurt_and_leaves_a_bad_one_out():
     assert next(c for c in chosen["curve"] if c["worker"] == 1)["kept"] is False
     torch.testing.assert_close(flat_state(module), (good[0] + good[1] + good[2]) / 3)
     assert chosen["holdout_acc"] == pytest.approx(score())
+    # A near-equal worker that costs a hair of score: left out by the exact rule, kept within a tolerance.
+    close = [target + torch.tensor([0.05, 0, 0, 0]), target + torch.tensor([0.1, 0.02, 0, 0])]
+    assert greedy_soup(module, close, score)["kept"] == [0]  # their mean is 0.076 away, the first alone 0.05
+    assert greedy_soup(module, close, score, tolerance=0.03)["kept"] == [0, 1]
+    assert greedy_soup(module, [*close, bad], score, tolerance=0.03)["kept"] == [0, 1]  # not the bad one
 
 
 def test_greedy_needs_held_out_images():
