@@ -36,7 +36,7 @@ from .recipe import Recipe, dump_recipe
 from .report import averaging_summary, print_table, run_header
 from .resume import ROOT, check_model
 from .rundir import check_writable
-from .soup import greedy_soup, holdout_score
+from .soup import greedy_phase3
 
 _PHASES = ("setup", "phase3", "evaluation")
 
@@ -140,10 +140,8 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     with torch.no_grad(), counter.phase("phase3"):
         if greedy:
             holdout = load_data(recipe.data, accelerator.device, split="holdout")
-            score = holdout_score(module, recipe, train_data,
-                                  accelerator.prepare(holdout.eval_loader(recipe.eval.batch_size)), accelerator)
-            selection = greedy_soup(module, states, score, recipe.phase3.greedy_tolerance)
-            bn = score.bn
+            selection, bn = greedy_phase3(module, states, recipe, train_data,
+                                          accelerator.prepare(holdout.eval_loader(recipe.eval.batch_size)), accelerator)
         else:
             load_flat_state_(module, total.div_(len(workers)))  # (a + b) / 2 exactly as phase 3's sum and division
             bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,

@@ -454,13 +454,19 @@ def _train_stats(cfg: DataConfig, train: datasets.Dataset, column: str, images: 
 # ------------------------------------------------------------------------------------------- public API
 
 
+def _seed0_order(num_samples: int) -> Tensor:
+    """One permutation of a split, the same across runs and processes: subsets and the held-out split are its
+    slices, so they are class-balanced on average and never overlap."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(0))
+
+
 def _subset(num_samples: int, k: int | None, key: str) -> Tensor | None:
-    """First k of a seed-0 permutation: deterministic across runs and processes, class-balanced on average."""
+    """First k of the seed-0 permutation."""
     if k is None:
         return None
     if k > num_samples:
         raise DataError(f"data.{key}={k} exceeds the {num_samples} samples of the split; lower it or remove it")
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(0))[:k].sort().values
+    return _seed0_order(num_samples)[:k].sort().values
 
 
 def _indices(num_samples: int, cfg: DataConfig, split: str) -> Tensor | None:
@@ -479,7 +485,7 @@ def _indices(num_samples: int, cfg: DataConfig, split: str) -> Tensor | None:
     if train < 1 or train + held > num_samples:
         raise DataError(f"data.holdout_samples={held} plus {train} training images exceed the {num_samples} samples "
                         "of the training split; lower data.holdout_samples or data.train_subset")
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(0))
+    order = _seed0_order(num_samples)
     return (order[:train] if split == "train" else order[num_samples - held :]).sort().values
 
 

@@ -66,5 +66,5 @@ class GradientNoise:
 
 def _hook(state: GradientNoise, bucket):
     if state.sums is not None:  # before allreduce_hook divides the buffer in place
-        state.sums[0] += bucket.buffer().double().pow(2).sum()
+        state.sums[0] += torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float64).square()
     return allreduce_hook(state.process_group, bucket)

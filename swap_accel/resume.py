@@ -289,17 +289,19 @@ class Checkpointer:
         is; `--from-phase1` takes it. A resumed phase 1 that crossed τ before the kill does not write it again."""
         name = f"p1-tau{tau:g}"
         if self.rank == 0 and not (self.root / name / "manifest.json").exists():
-            staging = self._staging(name)
-            save_weights(staging / "model.safetensors", module)
-            self._commit(staging, name, ["model.safetensors"], "phase1-end", result.steps,
-                         {"tau": tau, "result": {**dataclasses.asdict(result), "reached_tau": True}})
+            # Not `save_end`: this is no fallback for the run itself, so `last_good` stays what it was.
+            self._save_weights_only(module, name, "phase1-end", result.steps,
+                                    {"tau": tau, "result": {**dataclasses.asdict(result), "reached_tau": True}})
 
     def save_end(self, module, name: str, kind: str, step: int, info: dict) -> Path:
         """End of phase 1 (rank 0, the weights every rank holds after the buffer broadcast) or of one worker."""
+        self.last_good = self._save_weights_only(module, name, kind, step, info)
+        return self.last_good
+
+    def _save_weights_only(self, module, name: str, kind: str, step: int, info: dict) -> Path:
         staging = self._staging(name)
         save_weights(staging / "model.safetensors", module)
-        self.last_good = self._commit(staging, name, ["model.safetensors"], kind, step, info)
-        return self.last_good
+        return self._commit(staging, name, ["model.safetensors"], kind, step, info)
 
 
 def finished_workers(run_dir: Path) -> list[int]:

@@ -12,7 +12,6 @@ one sharded evaluation, so all ranks take each decision from the same all-reduce
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,24 +57,26 @@ def greedy_soup(module: torch.nn.Module, flats: list[torch.Tensor], score: Calla
 
 
 
-def holdout_score(module: torch.nn.Module, recipe, train_data, holdout_loader, accelerator) -> Callable[[], float]:
-    """`score` for `greedy_soup`: phase 3's BN recomputation (same samples, same seed), then the held-out accuracy
-    of the model every process holds, evaluated in shards. The last recomputation's summary is kept in `.bn`."""
+def greedy_phase3(module: torch.nn.Module, states: list[torch.Tensor], recipe, train_data, holdout_loader,
+                  accelerator) -> tuple[dict, dict]:
+    """Phase 3 as a greedy soup (train.py and `swap_accel average`): every candidate gets phase 3's BN recomputation
+    (same samples, same seed) and a held-out evaluation in shards. Returns (selection, the soup's BN summary)."""
+    bn = {}
+
     def score() -> float:
-        score.bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
-                                   batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
+        bn.update(recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
+                                  batch_size=recipe.eval.bn_batch_size, seed=recipe.seed))
         return evaluate_shared(module, holdout_loader, accelerator)[0]
 
-    score.bn = None
-    return score
+    return greedy_soup(module, states, score, recipe.phase3.greedy_tolerance), bn
 
 
 def finished_worker_states(run_dir: Path, workers: int, module: torch.nn.Module) -> list[torch.Tensor]:
     """Every worker's final `flat_state`, read by every process from its p2-w<k>-end checkpoint (the run directory is
-    shared, as phase 1's checkpoints already require): each rank holds only the running sum of its own workers."""
-    scratch = copy.deepcopy(module)
+    shared, as phase 1's checkpoints already require): each rank holds only the running sum of its own workers.
+    Read through `module` itself, whose weights the soup replaces next."""
     states = []
     for k in range(workers):
-        load_weights_into(scratch, run_dir / ROOT / f"p2-w{k}-end")
-        states.append(flat_state(scratch))
+        load_weights_into(module, run_dir / ROOT / f"p2-w{k}-end")
+        states.append(flat_state(module))
     return states

@@ -45,7 +45,7 @@ from .report import averaging_summary, print_table, run_header, table_rows
 from .resume import Checkpointer, find_start, finished_workers, load_result
 from .rundir import discard_outputs
 from .sampling import digest
-from .soup import finished_worker_states, greedy_soup, holdout_score
+from .soup import finished_worker_states, greedy_phase3
 from .workers import gathered_rows, run_workers
 
 # averaged_curve is issue 3's opt-in Figure-1 curve, counted apart so phase 2 itself stays at zero; phase2_in_group
@@ -188,10 +188,9 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         log.drain()  # every worker is done: the tracker gets all rows that were still in flight
         with counter.phase("phase3"), peers_required(lambda: str(lost("one is gone"))):
             if recipe.phase3.selection == "greedy":  # issue 11: a worker joins only if it does not hurt held-out
-                score = holdout_score(module, recipe, train_data, holdout_loader, accelerator)
                 states = finished_worker_states(run_dir, layout.workers, module)
-                selection = greedy_soup(module, states, score, recipe.phase3.greedy_tolerance)
-                averaged, bn = states[0].numel(), score.bn
+                selection, bn = greedy_phase3(module, states, recipe, train_data, holdout_loader, accelerator)
+                averaged = states[0].numel()
             else:
                 averaged = average_workers_(module, p2.local_sum, layout.workers, accelerator)
                 bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,

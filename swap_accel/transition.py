@@ -92,8 +92,7 @@ def _launch(recipe_path: Path, overrides: list[str], out: Path, num_processes: i
     return json.loads((out / "results.json").read_text())
 
 
-def _row(tau: float, results: dict, checkpoint: Path, run_dir: Path) -> dict:
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
+def _row(tau: float, results: dict, manifest: dict, run_dir: Path) -> dict:
     p1 = manifest["result"]
     return {"tau": tau, "phase1_epochs": p1["epochs"], "phase1_steps": p1["steps"], "train_acc": p1["train_acc"],
             "phase1_seconds": p1["seconds"],
@@ -144,7 +143,8 @@ def run(recipe_path: Path, overrides: list[str], candidates: list[float], out: P
             skipped.append({"tau": tau, "why": f"training accuracy never reached it within phase1.max_epochs "
                                                f"(phase 1 ended at {100 * main['phase1']['train_acc']:.2f} %)"})
             continue
-        step = json.loads((checkpoint / "manifest.json").read_text())["step"]
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        step = manifest["step"]
         if step in by_step:  # one epoch crossed several candidates: the same start, the same run
             skipped.append({"tau": tau, "why": f"reached in the same epoch as tau={by_step[step]['tau']:g}"})
             continue
@@ -152,7 +152,7 @@ def run(recipe_path: Path, overrides: list[str], candidates: list[float], out: P
         results = main if tau == top else _launch(
             recipe_path, [*common, f"phase1.stop_train_accuracy={tau}", f"from_phase1={checkpoint}"], run_dir,
             num_processes, config_file, f"phase 2 from tau={tau:g}")
-        by_step[step] = _row(tau, results, checkpoint, run_dir)
+        by_step[step] = _row(tau, results, manifest, run_dir)
         rows.append(by_step[step])
     rows.sort(key=lambda r: r["tau"])
     if not rows:
