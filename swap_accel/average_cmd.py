@@ -20,6 +20,7 @@ import yaml
 from .bn import recalibrate_bn_
 from .checkpoints import (
     CheckpointError,
+    load_weights,
     load_weights_into,
     save_weights,
     verify_checkpoint,
@@ -29,7 +30,7 @@ from .checkpoints import (
 )
 from .counting import CollectiveCounter
 from .data import load_data
-from .distributed import flat_state, load_flat_state_, make_accelerator
+from .distributed import flat_state_of, load_flat_state_, make_accelerator
 from .evaluate import evaluate_local, evaluate_shared
 from .models import build_model
 from .recipe import Recipe, dump_recipe
@@ -118,8 +119,8 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     module = build_model(recipe.model.name, in_chans=train_data.in_chans, num_classes=train_data.num_classes,
                          kwargs=recipe.model.kwargs, image_size=train_data.image_size).to(accelerator.device)
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
-    greedy = recipe.phase3.selection == "greedy"  # issue 11: keeps every worker's state, not only the sum
-    rows, total, states = [], None, []
+    greedy = recipe.phase3.selection == "greedy"  # issue 11: keeps every model's state, not only the sum
+    rows, total, states, models = [], None, [], []
     for path, manifest in workers:
         load_weights_into(module, path)
         with counter.phase("evaluation"):
@@ -128,14 +129,20 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
         rows.append({"index": manifest["worker"], "seed": manifest.get("seed"), "test_acc": acc,
                      "train_acc": result["train_acc"], "seconds": result["seconds"], "steps": result["steps"],
                      "checkpoint": str(path)})
-        # The same running sum of `flat_state` as train's phase 3 (workers.py): parameters and float buffers.
-        total = flat_state(module) if total is None else total.add_(flat_state(module))
-        if greedy:
-            states.append(flat_state(module))
         if accelerator.is_main_process:  # numbered in the order given: two runs may each have a worker 0
             save_weights(_mkdir(out / "workers") / f"worker{len(rows) - 1}.safetensors", module,
                          {"worker": str(manifest["worker"]), "seed": str(manifest.get("seed")),
                           "checkpoint": str(path)})
+        # The same sums of `flat_state` as train's phase 3 (workers.py): each worker's samples (issue 11; a
+        # finished worker lists them, the last is itself) summed in the order taken, then added to the total.
+        own = None
+        for sample in _samples(path, manifest):
+            flat = flat_state_of(load_weights(sample / "model.safetensors"), module, accelerator.device)
+            own = flat.clone() if own is None else own.add_(flat)
+            models.append(f"{len(rows) - 1}:{sample.name}")
+            if greedy:
+                states.append(flat)
+        total = own if total is None else total.add_(own)
     p3_start = time.perf_counter()
     with torch.no_grad(), counter.phase("phase3"):
         if greedy:
@@ -143,10 +150,11 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
             selection, bn = greedy_phase3(module, states, recipe, train_data,
                                           accelerator.prepare(holdout.eval_loader(recipe.eval.batch_size)), accelerator)
         else:
-            load_flat_state_(module, total.div_(len(workers)))  # (a + b) / 2 exactly as phase 3's sum and division
+            load_flat_state_(module, total.div_(len(models)))  # (a + b) / 2 exactly as phase 3's sum and division
             bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
                                  batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
-            selection = {"method": "uniform", "kept": list(range(len(workers)))}
+            selection = {"method": "uniform", "kept": list(range(len(models)))}
+        selection["models"] = models
     p3_seconds = time.perf_counter() - p3_start
     with counter.phase("evaluation"):
         final_acc, counted = evaluate_shared(module, test_loader, accelerator)
@@ -166,7 +174,8 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
                    "slowest_worker_seconds": max(r["seconds"] for r in rows),
                    "per_worker_batch_size": recipe.phase2.per_worker_batch_size if recipe.phase2 else None,
                    "history": workers[0][1]["result"]["history"]},
-        "phase3": {"seconds": p3_seconds, "averaged_values": total.numel(), "bn": bn, "selection": selection},
+        "phase3": {"seconds": p3_seconds, "averaged_values": total.numel(), "averaged_models": len(models),
+                   "bn": bn, "selection": selection},
         "workers": rows, **averaging_summary(accs, final_acc, counted),
         "critical_path_steps": p1.get("steps", 0) + steps,
         "collectives": {p: {"calls": counter.calls[p], "bytes": counter.bytes[p]} for p in _PHASES},
@@ -179,6 +188,16 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     print_table([results])
     accelerator.end_training()
     return results
+
+
+def _samples(path: Path, manifest: dict) -> list[Path]:
+    """A finished worker's samples (issue 11: the ends of its last S LR cycles, verified); any other checkpoint is
+    one model, itself."""
+    paths = [path.parent / name for name in manifest.get("samples", [path.name])]
+    for sample in paths:
+        if sample != path:
+            verify_checkpoint(sample)
+    return paths
 
 
 def _mkdir(path: Path) -> Path:

@@ -186,6 +186,13 @@ def flat_state(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in _float_state(module)])
 
 
+def flat_state_of(tensors: dict[str, torch.Tensor], module: torch.nn.Module, device) -> torch.Tensor:
+    """`flat_state` of a saved state dict (a checkpoint's weights), in `module`'s order, without loading it into
+    `module`: how a resumed worker rebuilds its running sum of samples (issue 11)."""
+    names = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.dtype.is_floating_point]
+    return torch.cat([tensors[n].reshape(-1) for n in names]).to(device)
+
+
 def load_flat_state_(module: torch.nn.Module, flat: torch.Tensor) -> None:
     """The inverse of `flat_state`: every floating-point parameter and buffer of `module` set from `flat`."""
     _unflatten_into(flat, _float_state(module))

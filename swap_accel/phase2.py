@@ -29,6 +29,7 @@ from .recipe import OptimizerConfig, Phase2Config
 from .resume import Checkpointer, restore_loop, restore_optimizer
 from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, worker_order, worker_shard
 from .schedules import make_schedule
+from .snapshots import CycleSamples
 
 
 @dataclass
@@ -81,9 +82,11 @@ def train_phase2(
     group=None,
     member: int = 0,
     members: int = 1,
+    samples: CycleSamples,
 ) -> Phase2Result:
     """Train worker `worker` from the weights in `module`. `model` is `module` itself, or its data-parallel
-    wrapper on the worker's `group` of `members` processes, of which this one is `member`."""
+    wrapper on the worker's `group` of `members` processes, of which this one is `member`. `samples` takes the
+    models at the ends of the sampled LR cycles into its running sum (issue 11)."""
     # fp16: a scaler per worker, as every optimizer needs its own (issue 13); None otherwise.
     loss_scale = LossScale(new_scaler(accelerator))
     optimizer = make_sgd(module, opt_cfg, cfg.lr.peak, fp16=loss_scale.scaler is not None)
@@ -101,6 +104,7 @@ def train_phase2(
         restore_optimizer(resume, module, optimizer, loss_scale)
         first_epoch, resumed_done, resumed_totals = restore_loop(
             resume, f"member{member}.pt", result, augment_gen, accelerator.device)
+        samples.restore(first_epoch, module, accelerator.device)  # the cycles this worker finished before the stop
     # A one-process worker checkpoints by its own clock; a group's members must pick the same step (phase 1's way).
     ckpt.begin(result.steps, by_clock=members == 1)
     model.train()
@@ -155,6 +159,7 @@ def train_phase2(
             # the worker's statistics are its leader's. Training-mode forwards never read them, so a resume,
             # which restores the leader's, trains bit for bit as the uninterrupted run.
             broadcast_buffers_(module, accelerator, group)
+        samples.take(module, epoch, ckpt, result.steps)
         seconds = time.perf_counter() - epoch_start
         lr = lr_at(result.steps - 1)
         row = {"phase": 2, "worker": worker, "epoch": result.epochs, "step": result.steps, "lr": lr,

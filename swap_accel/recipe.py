@@ -98,6 +98,9 @@ class LRConfig(Strict):
     schedule_epochs: float | None = Field(None, gt=0)
     start_epoch: float = Field(0.0, ge=0)
     shape: Literal["linear", "cosine", "constant"] = "linear"
+    # Issue 11: the phase's epochs cut into this many equal cycles, each the whole schedule again (warm-up, then
+    # decay to zero at its end): SWA's cyclic learning rate (Izmailov et al. 2018; paper section 5.3, Figure 6).
+    cycles: PositiveInt = 1
 
 
 class Phase1Config(Strict):
@@ -133,6 +136,9 @@ class Phase2Config(Strict):
     per_worker_batch_size: int = Field(gt=0)
     epochs: int = Field(gt=0)
     lr: LRConfig
+    # Issue 11 (paper Table 4, "SWAP 40 small-batch epochs"): each worker contributes the models at the ends of
+    # its last S learning-rate cycles (phase2.lr.cycles), and phase 3 averages all W x S with equal weight.
+    samples_per_worker: PositiveInt = 1
 
 
 class EvalConfig(Strict):
@@ -199,7 +205,10 @@ class Phase3Config(Strict):
 
 class Recipe(Strict):
     name: str = "swap"
-    mode: Literal["swap", "sgd"] = "swap"
+    # swap: the paper's three phases. sgd: phase 1 alone for its whole budget (the small- and large-batch
+    # baselines). swa: phase 1 (to τ if set, else its whole budget), then ONE data-parallel model over every
+    # process takes phase 2's cyclic-LR samples, averaged as phase 3 does: Table 4's SWA rows (issue 11).
+    mode: Literal["swap", "sgd", "swa"] = "swap"
     seed: int = 0
     output_dir: Path | None = None
     # fp16 scales the loss: Accelerate's scaler in phase 1, one per phase-2 worker (precision.py, issue 13).
@@ -234,6 +243,17 @@ class Recipe(Strict):
                 raise ValueError("mode 'swap' needs a phase2 section (or set mode: sgd)")
             if self.phase1.stop_train_accuracy is None:
                 raise ValueError("mode 'swap' needs phase1.stop_train_accuracy (τ in (0, 1], e.g. 0.98)")
+        if self.mode == "swa":
+            if self.phase2 is None:
+                raise ValueError("mode 'swa' samples its models in a phase2 section (per_worker_batch_size, epochs, "
+                                 "lr with cycles, samples_per_worker); add one")
+            if self.phase2.workers not in (None, 1):
+                raise ValueError(f"mode 'swa' trains one model (phase2.workers={self.phase2.workers}); remove "
+                                 "phase2.workers, or use mode: swap for several workers")
+        if self.phase2 is not None and self.phase2.samples_per_worker > self.phase2.lr.cycles:
+            raise ValueError(f"phase2.samples_per_worker={self.phase2.samples_per_worker} takes one model at the end of "
+                             f"each of the last cycles, but phase2.lr.cycles={self.phase2.lr.cycles}; set "
+                             f"phase2.lr.cycles={self.phase2.samples_per_worker} (or more)")
         if self.phase3.selection == "greedy" and not self.data.holdout_samples:
             raise ValueError("phase3.selection=greedy chooses workers on held-out training images: set "
                              "data.holdout_samples=N (e.g. 5000), so that no worker trains on them")
@@ -241,6 +261,10 @@ class Recipe(Strict):
             if not epochs:
                 continue
             lr = getattr(self, section).lr
+            if lr.cycles > 1 and (epochs % lr.cycles or lr.schedule_epochs or lr.start_epoch):
+                raise ValueError(f"{section}.lr.cycles={lr.cycles} cuts the {epochs} epochs into equal whole-epoch "
+                                 f"cycles: make {section} epochs a multiple of it, and leave schedule_epochs and "
+                                 "start_epoch unset")
             length = lr.schedule_epochs or epochs
             if lr.warmup_epochs > length:
                 raise ValueError(
@@ -251,6 +275,11 @@ class Recipe(Strict):
                     f"lr.schedule_epochs ({length}); lengthen the schedule or train fewer epochs"
                 )
         return self
+
+    @property
+    def phase2_runs(self) -> bool:
+        """SWAP's workers, or SWA's one sampled model: every mode but the SGD baselines has a phase 2 and 3."""
+        return self.mode != "sgd"
 
     def check_data(self, train_samples: int) -> None:
         """Checks that need the training-set size (issue 13); run before any process group forms."""
@@ -276,12 +305,12 @@ class Recipe(Strict):
                 f"phase1.micro_batch_size={micro} does not divide the per-process batch {per_process} "
                 f"(global {b1} / {num_processes} processes); pick a divisor of {per_process}"
             )
-        if self.mode == "swap":
+        if self.phase2_runs:
             self.worker_layout(num_processes)
 
     def worker_layout(self, num_processes: int) -> WorkerLayout:
         """Phase 2's layout for this process count; a RecipeError naming valid values when it cannot be made."""
-        workers = self.phase2.workers or num_processes
+        workers = 1 if self.mode == "swa" else self.phase2.workers or num_processes
         problem = layout_error(workers, num_processes)
         if problem:
             raise RecipeError(problem)
@@ -311,6 +340,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         return f"{source}: {loc}: required key is missing; add it to the recipe"
     if first["type"] == "finite_number":
         msg = "must be a finite number"
+    if first["type"] == "value_error" and not loc:  # a check across sections: its message names keys and fix
+        return f"{source}: {msg.removeprefix('Value error, ')}"
     return f"{source}: {loc}: {msg} (got {first.get('input')!r}); fix the value in the recipe or --set"
 
 

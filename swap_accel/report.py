@@ -59,10 +59,11 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
         acc = results[key]
         return (label, f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}", f"{measured:.1f}", f"{parallel:.1f}", steps)
 
-    rows = [before("before_averaging", "SWAP (before averaging)")]
+    method = "SWA" if results["mode"] == "swa" else "SWAP"  # issue 11: Table 4's SWA rows, same columns
+    rows = [before("before_averaging", f"{method} (before averaging)")]
     if results.get("before_averaging_bn"):
-        rows.append(before("before_averaging_bn", "SWAP (before averaging, BN recomputed)"))
-    return rows + [("SWAP (after averaging)", f"{100 * results['after_averaging']['test_acc']:.2f}",
+        rows.append(before("before_averaging_bn", f"{method} (before averaging, BN recomputed)"))
+    return rows + [(f"{method} (after averaging)", f"{100 * results['after_averaging']['test_acc']:.2f}",
                     f"{measured + p3:.1f}", f"{parallel + p3:.1f}", steps)]
 
 

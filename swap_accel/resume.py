@@ -8,6 +8,7 @@ Layout under RUN_DIR/checkpoints/ (periodic names sort by step):
   p2-w<k>-step.../     worker k in phase 2 (issue 9: k is the worker, not the rank): model.safetensors and
                        optimizer.pt from its group's leader, member<j>.pt from each of its processes
   p2-w<k>-end/         worker k finished phase 2: its weights, test accuracy and phase summaries
+  p2-w<k>-sample<s>/   issue 11: worker k's model at the end of its s-th sampled LR cycle (the last is p2-w<k>-end)
 Re-running the same command resumes each part from its newest good checkpoint. Sample orders are pure
 functions of (seed, rank/worker, epoch) (sampling.py) and every other source of randomness is saved, so a
 resumed run computes bit for bit what the uninterrupted one would have (tests/test_resume.py).
@@ -292,6 +293,15 @@ class Checkpointer:
             # Not `save_end`: this is no fallback for the run itself, so `last_good` stays what it was.
             self._save_weights_only(module, name, "phase1-end", result.steps,
                                     {"tau": tau, "result": {**dataclasses.asdict(result), "reached_tau": True}})
+
+    def save_sample(self, module, name: str, step: int, info: dict) -> None:
+        """`p2-w<k>-sample<s>` (issue 11, snapshots.py): a worker's model at the end of a sampled cycle. A worker that
+        resumed before this cycle's end computes the same weights again: a good copy on disk is kept, not replaced."""
+        try:
+            verify_checkpoint(self.root / name)
+            return
+        except CheckpointError:
+            self._save_weights_only(module, name, "phase2-sample", step, info)
 
     def save_end(self, module, name: str, kind: str, step: int, info: dict) -> Path:
         """End of phase 1 (rank 0, the weights every rank holds after the buffer broadcast) or of one worker."""

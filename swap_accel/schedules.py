@@ -2,7 +2,8 @@
 
 Phase 1 warms up linearly to its peak and decays toward zero over `max_epochs`; stopping early at
 τ leaves the decay unfinished, as in the paper. Phase 2 starts at its own (lower) peak and decays
-to zero over its epochs. `start_epoch` enters a schedule part-way (ImageNet, paper section 5.2).
+to zero over its epochs. `start_epoch` enters a schedule part-way (ImageNet, paper section 5.2). `cycles`
+repeats the whole schedule in equal cycles: SWA's cyclic learning rate (issue 11, paper Figure 6).
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ def make_schedule(cfg: LRConfig, *, epochs: int, steps_per_epoch: int) -> Callab
     so neither the first warm-up step nor the last decay step is wasted at lr 0.
     """
     total = cfg.schedule_epochs or epochs
+    cycle_epochs = total / cfg.cycles  # the recipe checks that cycles cut the epochs into whole-epoch cycles
 
     def lr_at(step: int) -> float:
         epoch = cfg.start_epoch + (step + 0.5) / steps_per_epoch
-        return lr_at_epoch(epoch, peak=cfg.peak, warmup_epochs=cfg.warmup_epochs, total_epochs=total, shape=cfg.shape)
+        if cfg.cycles > 1:  # each cycle restarts the schedule (one cycle: the epoch as it is, bit for bit)
+            epoch -= cycle_epochs * math.floor(epoch / cycle_epochs)
+        return lr_at_epoch(epoch, peak=cfg.peak, warmup_epochs=cfg.warmup_epochs, total_epochs=cycle_epochs,
+                           shape=cfg.shape)
 
     return lr_at

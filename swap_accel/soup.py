@@ -2,12 +2,13 @@
 BatchNorm recomputation for every candidate average and its evaluation spread over all processes.
 
 Phase 3 averages every worker with equal weight, so one worker that went wrong (a diverging learning rate, a bad
-node) drags the average down. Greedy selection orders the workers by their own held-out accuracy and adds each,
-best first, only if the average with it does at least as well on the held-out split (`data.holdout_samples`: images
-of the training split no worker trained on; never the test set). The kept workers are then averaged with equal
-weight. Every process computes the same sequence: the weights are read from the workers' checkpoints (or are already
-in memory, for `swap_accel average`), BN statistics are recomputed over all processes and the held-out accuracy is
-one sharded evaluation, so all ranks take each decision from the same all-reduced number.
+node) drags the average down. Greedy selection orders the models (the W workers, or their W x S cyclic samples:
+snapshots.py) by their own held-out accuracy and adds each, best first, only if the average with it does at least as
+well on the held-out split (`data.holdout_samples`: images of the training split no worker trained on; never the
+test set). The kept models are then averaged with equal weight. Every process computes the same sequence: the
+weights are read from the workers' checkpoints (or are already in memory, for `swap_accel average`), BN statistics
+are recomputed over all processes and the held-out accuracy is one sharded evaluation, so all ranks take each
+decision from the same all-reduced number.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from pathlib import Path
 import torch
 
 from .bn import recalibrate_bn_
-from .checkpoints import load_weights_into
-from .distributed import flat_state, load_flat_state_
+from .checkpoints import load_weights
+from .distributed import flat_state_of, load_flat_state_
 from .evaluate import evaluate_shared
-from .resume import ROOT
+from .snapshots import sample_dirs
 
 
 @torch.no_grad()
 def greedy_soup(module: torch.nn.Module, flats: list[torch.Tensor], score: Callable[[], float],
                 tolerance: float = 0.0) -> dict:
-    """Leave `module` holding the greedy soup of the workers' `flat_state` vectors, BN recomputed by `score`.
+    """Leave `module` holding the greedy soup of the models' `flat_state` vectors, BN recomputed by `score`.
 
     `score()` recomputes BN statistics of `module` as phase 3 does and returns its held-out accuracy. Returns which
-    workers were kept (indices into `flats`), each one's own held-out accuracy, and the held-out curve of the
+    models were kept (indices into `flats`), each one's own held-out accuracy, and the held-out curve of the
     candidate averages in the order they were tried."""
     individual = []
     for flat in flats:
@@ -38,14 +39,14 @@ def greedy_soup(module: torch.nn.Module, flats: list[torch.Tensor], score: Calla
         individual.append(score())
     order = sorted(range(len(flats)), key=lambda k: (-individual[k], k))
     kept, total, best = [order[0]], flats[order[0]].clone(), individual[order[0]]
-    curve = [{"worker": order[0], "holdout_acc": best, "kept": True}]
+    curve = [{"model": order[0], "holdout_acc": best, "kept": True}]
     for k in order[1:]:
         load_flat_state_(module, (total + flats[k]).div_(len(kept) + 1))
         acc = score()
         # Wortsman et al. (tolerance 0): keep an ingredient that does not hurt the held-out accuracy. The best so
         # far only rises, so a tolerance cannot let small losses add up.
         keep = acc >= best - tolerance
-        curve.append({"worker": k, "holdout_acc": acc, "kept": keep})
+        curve.append({"model": k, "holdout_acc": acc, "kept": keep})
         if keep:
             kept.append(k)
             total.add_(flats[k])
@@ -71,12 +72,10 @@ def greedy_phase3(module: torch.nn.Module, states: list[torch.Tensor], recipe, t
     return greedy_soup(module, states, score, recipe.phase3.greedy_tolerance), bn
 
 
-def finished_worker_states(run_dir: Path, workers: int, module: torch.nn.Module) -> list[torch.Tensor]:
-    """Every worker's final `flat_state`, read by every process from its p2-w<k>-end checkpoint (the run directory is
-    shared, as phase 1's checkpoints already require): each rank holds only the running sum of its own workers.
-    Read through `module` itself, whose weights the soup replaces next."""
-    states = []
-    for k in range(workers):
-        load_weights_into(module, run_dir / ROOT / f"p2-w{k}-end")
-        states.append(flat_state(module))
-    return states
+def finished_sample_states(run_dir: Path, workers: int, samples: int, module: torch.nn.Module,
+                           device) -> list[torch.Tensor]:
+    """The `flat_state` of every worker's every sample (W x S, worker-major; the last of a worker's is its
+    p2-w<k>-end), read by every process from the checkpoints (the run directory is shared, as phase 1's checkpoints
+    already require): each rank holds only the running sum of its own workers."""
+    return [flat_state_of(load_weights(path / "model.safetensors"), module, device)
+            for k in range(workers) for path in sample_dirs(run_dir, k, samples)]

@@ -104,7 +104,7 @@ def start(accelerator: Accelerator, recipe: Recipe, run_dir: Path) -> None:
                                   init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
         # Each phase-2 worker's series on its own x-axis (log_series, issue 14), defined once per run.
         run = accelerator.get_tracker("wandb", unwrap=True)
-        workers = recipe.worker_layout(accelerator.num_processes).workers if recipe.mode == "swap" else 0
+        workers = recipe.worker_layout(accelerator.num_processes).workers if recipe.phase2_runs else 0
         for k in range(workers):
             run.define_metric(f"worker/{k}/*", step_metric=f"worker/{k}/step")
     else:

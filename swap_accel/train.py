@@ -4,7 +4,9 @@ Phase 1 trains one data-parallel model with a large batch until the training acc
 phase 2 lets W workers refine their own copies with no communication between them (a worker is a
 process, a group of processes, or one of several trained in turn on a process: issue 9); phase 3
 averages the workers' weights, recomputes BatchNorm statistics and evaluates. `mode: sgd` stops after phase 1
-with the full epoch budget: the paper's small- and large-batch baselines through the same code.
+with the full epoch budget: the paper's small- and large-batch baselines through the same code. `mode: swa` is
+Table 4's SWA through the same code too (issue 11): phase 2 with one worker, data-parallel over every process, whose
+cyclic-LR samples phase 3 averages.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from .report import averaging_summary, print_table, run_header, table_rows
 from .resume import Checkpointer, find_start, finished_workers, load_result
 from .rundir import discard_outputs
 from .sampling import digest
-from .soup import finished_worker_states, greedy_phase3
+from .soup import finished_sample_states, greedy_phase3
 from .workers import gathered_rows, run_workers
 
 # averaged_curve is issue 3's opt-in Figure-1 curve, counted apart so phase 2 itself stays at zero; phase2_in_group
@@ -62,7 +64,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                                    timeout_minutes=recipe.collective_timeout_minutes, loss_scale=recipe.loss_scale)
     counter = CollectiveCounter().install()
     rank, world = accelerator.process_index, accelerator.num_processes
-    layout = recipe.worker_layout(world) if recipe.mode == "swap" else None
+    layout = recipe.worker_layout(world) if recipe.phase2_runs else None
     # Worker groups exist before phase 1, made once and identically on every rank (issue 9).
     group = make_worker_group(layout, rank, counter) if layout else None
     set_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -119,8 +121,9 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         if start.phase1_end is None:
             p1 = train_phase1(model, optimizer, train_data, recipe.phase1, recipe.optimizer, accelerator,
                               seed=recipe.seed, log=log, ckpt=ckpt, resume=start.phase1_step, noise=noise,
-                              # The paper's SGD baselines train their whole epoch budget (Tables 5-6: "100 %").
-                              tau=recipe.phase1.stop_train_accuracy if recipe.mode == "swap" else None)
+                              # The paper's SGD baselines train their whole epoch budget (Tables 5-6: "100 %");
+                              # SWA stops at τ when it has one (Table 4, row 2), else it too trains the budget.
+                              tau=recipe.phase1.stop_train_accuracy if recipe.phase2_runs else None)
             broadcast_buffers_(module, accelerator)
         else:  # finished before: by this run, or by the --from-phase1 run
             p1 = load_result(start.phase1_end, module, Phase1Result)
@@ -161,7 +164,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         "test_acc": p1_test_acc, "holdout_acc": None, "critical_path_steps": p1.steps,
     }
 
-    if recipe.mode == "swap":
+    if recipe.phase2_runs:
         # Phase 2: W workers refine their own copies; nothing crosses between workers.
         with counter.phase("phase2"):
             p2 = run_workers(module, recipe, layout, group, accelerator=accelerator, train_data=train_data,
@@ -187,15 +190,18 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
             raise lost(str(e)) from None
         log.drain()  # every worker is done: the tracker gets all rows that were still in flight
         with counter.phase("phase3"), peers_required(lambda: str(lost("one is gone"))):
-            if recipe.phase3.selection == "greedy":  # issue 11: a worker joins only if it does not hurt held-out
-                states = finished_worker_states(run_dir, layout.workers, module)
+            models = [f"w{k}s{s}" for k in range(layout.workers) for s in range(recipe.phase2.samples_per_worker)]
+            if recipe.phase3.selection == "greedy":  # issue 11: a model joins only if it does not hurt held-out
+                states = finished_sample_states(run_dir, layout.workers, recipe.phase2.samples_per_worker, module,
+                                                accelerator.device)
                 selection, bn = greedy_phase3(module, states, recipe, train_data, holdout_loader, accelerator)
                 averaged = states[0].numel()
-            else:
-                averaged = average_workers_(module, p2.local_sum, layout.workers, accelerator)
+            else:  # every worker's every sample with weight 1 / (W x S) (issue 11)
+                averaged = average_workers_(module, p2.local_sum, len(models), accelerator)
                 bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
                                      batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
-                selection = {"method": "uniform", "kept": list(range(layout.workers))}
+                selection = {"method": "uniform", "kept": list(range(len(models)))}
+            selection["models"] = models
         p3_seconds = time.perf_counter() - p3_start
         eval_start = time.perf_counter()
         with counter.phase("evaluation"):
@@ -214,10 +220,12 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                        "slowest_worker_seconds": slowest, "monitoring_seconds": log.seconds["phase2"],
                        "workers": layout.workers, "processes_per_worker": layout.processes_per_worker,
                        "workers_per_process": layout.workers_per_process,
-                       "per_worker_batch_size": recipe.phase2.per_worker_batch_size, "history": first.history,
+                       "per_worker_batch_size": recipe.phase2.per_worker_batch_size,
+                       "samples_per_worker": recipe.phase2.samples_per_worker, "history": first.history,
                        "workers_history": log.workers_history(histories)},
             "averaged_curve": log.curve_summary(),
-            "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "bn": bn, "selection": selection},
+            "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "averaged_models": len(models), "bn": bn,
+                       "selection": selection},
             "workers": workers,
             **averaging_summary([w["test_acc"] for w in workers], final_acc, counted,
                                 [w["test_acc_bn"] for w in workers]),

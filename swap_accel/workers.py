@@ -2,9 +2,10 @@
 
 A process trains one worker (alone, or as a member of the worker's group) or several in turn (W > P).
 Each worker starts from the same phase-1 weights, with its own order, seeds, optimizer and checkpoints
-(`p2-w<k>-*`), and resumes on its own. What phase 3 averages is the running sum of the finished workers
-this process leads (a group's other members contribute zeros: every worker counts once, equally); one
-flat vector, so W/P workers per process cost one extra model copy, not W/P.
+(`p2-w<k>-*`), and resumes on its own. What phase 3 averages is the running sum of the finished workers'
+samples this process leads (a worker's last model, or its S cyclic samples, issue 11; a group's other members
+contribute zeros: every model counts once, equally); one flat vector, so W/P workers per process cost one extra
+model copy, not W/P.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .phase2 import Phase2Result, train_phase2
 from .recipe import Recipe
 from .resume import Checkpointer, find_worker_start, load_result
 from .sampling import digest
+from .snapshots import CycleSamples
 from .topology import WorkerLayout
 
 
@@ -71,12 +73,14 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
         if origin is not None:
             module.load_state_dict(origin)
         start = started[worker]
+        samples = CycleSamples(recipe.phase2, run_dir, worker, leader=member == 0)
         if start.end is None:
             p2 = train_phase2(model, module, train_data, recipe.phase2, recipe.optimizer, accelerator,
                               seed=recipe.seed, worker=worker, log=log, ckpt=ckpt, resume=start.step, group=group,
-                              member=member, members=members)
+                              member=member, members=members, samples=samples)
         else:  # this worker finished before the run stopped
             p2 = load_result(start.end, module, Phase2Result)
+            samples.restore(recipe.phase2.epochs, module, accelerator.device)
         with counter.phase("evaluation"):
             test_acc = p2.history[-1].get("test_acc")  # evaluated at the last logging point, if it was due
             if test_acc is None:
@@ -94,9 +98,9 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
         if start.end is None:  # what `swap_accel average` needs to use this worker without the others
             ckpt.save_end(module, f"p2-w{worker}-end", "phase2-end", p2.steps,
                           {"worker": worker, "seed": recipe.seed, "members": members, "test_acc": test_acc,
-                           "result": dataclasses.asdict(p2), "phase1": phase1, "phase1_params": phase1_params})
-        term = flat_state(module)
-        outcome.local_sum = term if outcome.local_sum is None else outcome.local_sum.add_(term)
+                           "result": dataclasses.asdict(p2), "phase1": phase1, "phase1_params": phase1_params,
+                           "samples": [p.name for p in samples.dirs]})
+        outcome.local_sum = samples.sum if outcome.local_sum is None else outcome.local_sum.add_(samples.sum)
     if outcome.local_sum is None:
         outcome.local_sum = torch.zeros_like(flat_state(module))
     return outcome

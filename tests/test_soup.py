@@ -35,8 +35,8 @@ def test_greedy_keeps_workers_that_do_not_hurt_and_leaves_a_bad_one_out():
     flats = [good[0], bad, good[1], good[2]]
     chosen = greedy_soup(module, flats, score)
     assert chosen["kept"] == [0, 2, 3] and 1 not in chosen["kept"]
-    assert [c["worker"] for c in chosen["curve"]] == [3, 0, 2, 1]  # best first (ties: lower index), bad last
-    assert next(c for c in chosen["curve"] if c["worker"] == 1)["kept"] is False
+    assert [c["model"] for c in chosen["curve"]] == [3, 0, 2, 1]  # best first (ties: lower index), bad last
+    assert next(c for c in chosen["curve"] if c["model"] == 1)["kept"] is False
     torch.testing.assert_close(flat_state(module), (good[0] + good[1] + good[2]) / 3)
     assert chosen["holdout_acc"] == pytest.approx(score())
     # A near-equal worker that costs a hair of score: left out by the exact rule, kept within a tolerance.
