@@ -1,6 +1,10 @@
 """Never lose a run (issue 4), with real processes: SIGKILL a 2-process run in phase 1 and in phase 2, rerun
 the same command, and get bit for bit the weights of an uninterrupted run; two "machines" on loopback, one
 of which dies in phase 2 while the survivor finishes; `average` on the survivors and on a whole run.
+
+Every run here takes two samples per worker (issue 11: two 1-epoch LR cycles, a model at the end of each), so the
+phase-2 kill lands in the middle of a worker's second cycle, after its first sample: the resumed worker rebuilds its
+running sum from disk. Phase 3 and `average` then average W x S = 4 models.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ from safetensors.torch import load_file
 from swap_accel.checkpoints import verify_checkpoint
 
 pytestmark = needs_fashion
+# Issue 11: two samples per worker, one at the end of each of two 1-epoch cycles (21 steps each).
+SAMPLED = {"phase2": {"epochs": 2, "samples_per_worker": 2, "lr": {"peak": 0.05, "cycles": 2}}}
+
+
 def all_committed_checkpoints_verify(out: Path) -> None:
     for path in checkpoints(out, "p*"):
         verify_checkpoint(path)  # a kill mid-write leaves only a hidden staging directory
@@ -43,14 +51,14 @@ def all_committed_checkpoints_verify(out: Path) -> None:
 def reference(tmp_path_factory, data_cache):
     """An uninterrupted run, with only the end-of-phase checkpoints (default every_minutes=15)."""
     tmp = tmp_path_factory.mktemp("reference")
-    result = launch(2, tiny_recipe(tmp, data_cache), tmp / "run", env=ENV)
+    result = launch(2, tiny_recipe(tmp, data_cache, **SAMPLED), tmp / "run", env=ENV)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return tmp / "run"
 
 
 @pytest.mark.parametrize("phase", [1, 2])
 def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, data_cache, phase):
-    recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 5}), tmp_path / "run"
+    recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 5}, **SAMPLED), tmp_path / "run"
     cmd = train_command(recipe, out, "--num_processes", "2", "--main_process_port", str(free_port()))
     # Phase 1 has 8 steps per epoch: step 10 is mid-epoch, so the partial epoch sums must survive for the τ
     # decision. Phase 2 has 21 steps per epoch: step 25 is mid-way through worker 1's second epoch.
@@ -61,6 +69,8 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, 
     all_committed_checkpoints_verify(out)
     if phase == 2:
         assert checkpoints(out, "p1-end")  # so the rerun does not repeat phase 1
+        # Mid-way through worker 1's second cycle: its first sample is only on disk (issue 11).
+        assert checkpoints(out, "p2-w1-sample0") and not checkpoints(out, "p2-w1-end")
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **ENV}, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
@@ -77,6 +87,28 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, 
         return [(w["worker"], w["step"], w["train_loss"], w["train_acc"], w["test_acc"])
                 for w in results["phase2"]["workers_history"]]
     assert curves(mine) == curves(ref)
+
+
+def test_phase3_averages_every_workers_cycle_end_samples_with_equal_weight(reference):
+    """Issue 11: each worker's samples are its models at the ends of its two LR cycles (steps 21 and 42), and the
+    averaged model is the plain mean of the W x S = 4 saved samples, computed here independently in float64."""
+    root = reference / "checkpoints"
+    names = [f"p2-w{k}-{s}" for k in range(2) for s in ("sample0", "end")]
+    assert [json.loads((root / n / "manifest.json").read_text())["step"] for n in names] == [21, 42, 21, 42]
+    samples = [load_file(root / n / "model.safetensors") for n in names]
+    final = load_file(reference / "model.safetensors")
+    for name, value in final.items():
+        if value.dtype.is_floating_point and "running" not in name:  # BN statistics are recomputed by phase 3
+            mean = torch.stack([s[name].double() for s in samples]).mean(0)
+            torch.testing.assert_close(value.double(), mean, rtol=1e-6, atol=1e-7)
+    # Every sample counts: the mean of the workers' last models alone is another model.
+    ends_only = {n: (samples[1][n].double() + samples[3][n].double()) / 2 for n in final}
+    assert any((final[n].double() - ends_only[n]).abs().max() > 1e-4 for n in final
+               if final[n].dtype.is_floating_point and "running" not in n)
+    r = json.loads((reference / "results.json").read_text())
+    assert r["phase3"]["averaged_models"] == 4 and r["phase3"]["selection"]["models"] == ["w0s0", "w0s1", "w1s0", "w1s1"]
+    # Both cycles decay to the same last-step LR (the history logs each epoch's last step; restarts: test_samples).
+    assert [row["lr"] for row in r["phase2"]["history"]] == pytest.approx([0.05 / 42, 0.05 / 42])
 
 
 def test_average_of_a_whole_run_equals_its_phase3(reference, tmp_path):
@@ -106,7 +138,7 @@ def test_two_machines_on_loopback_survive_a_hung_worker(reference, tmp_path, dat
     alive and silent, what a NCCL collective would wait on until its watchdog fires). The survivor makes no
     collective in phase 2 (issue 14), finishes and checkpoints its worker, then waits for phase 3 on the run
     directory, finds machine 1's heartbeat stale and stops with one line, before any collective could hang."""
-    recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 5}), tmp_path / "run"
+    recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 5}, **SAMPLED), tmp_path / "run"
     beat = {"SWAP_ACCEL_HEARTBEAT_SECONDS": "0.5"}  # stale after 12 beats: 6 s
 
     def machines(port: int) -> list[list[str]]:
@@ -156,7 +188,7 @@ def test_from_phase1_reuses_another_runs_phase1(reference, tmp_path, data_cache)
     """Phase 2 is a pure function of the phase-1 weights, the seed and the worker: starting it from the
     reference's phase 1 reproduces the reference without training phase 1 again."""
     out = tmp_path / "run"
-    result = launch(2, tiny_recipe(tmp_path, data_cache), out, "--from-phase1", str(reference), env=ENV)
+    result = launch(2, tiny_recipe(tmp_path, data_cache, **SAMPLED), out, "--from-phase1", str(reference), env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     r, ref = (json.loads((d / "results.json").read_text()) for d in (out, reference))
     assert r["collectives"]["phase1"]["calls"] == 0 and r["phase1"]["steps"] == ref["phase1"]["steps"]

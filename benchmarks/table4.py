@@ -1,0 +1,123 @@
+"""The paper's Table 4 at CPU scale (issue 11): SWA against SWAP, in the regime of `recipes/fashion_mnist_gap.yaml`
+where large batch really loses (the Table-1 benchmark's regime, benchmarks/reproduce.py).
+
+Every row is `accelerate launch ... -m swap_accel train recipes/fashion_mnist_gap.yaml --set ...` on 2 processes:
+- the SGD baselines and SWAP with 8 workers are Table 1's runs (same directories, reused when finished);
+- SWA is `mode: swa`: one data-parallel model whose phase 2 takes a sample at the end of each LR cycle, averaged and
+  BN-recomputed by phase 3 exactly as SWAP's workers are. Large-batch SWA starts from the large-batch baseline's
+  final model, large-batch-then-small-batch SWA from SWAP's phase 1 (interrupted at the same τ, as the paper does),
+  small-batch SWA from the small-batch baseline's final model (`--from-phase1`, the paper's section 5.3);
+- SWAP with longer phase 2 averages two samples per worker (`phase2.samples_per_worker: 2`, two LR cycles), 16 models.
+SWA's cycles are as long as SWAP's phase 2 (the paper: 10-epoch cycles for a 10-epoch phase 2) and restart at
+SWAP's phase-2 peak (the paper re-uses one peak for both); large-batch SWA's peak is one third of large batch's own.
+Training time counts the phase 1 a row started from: a row's time is what it takes to produce its model.
+
+    .venv/bin/python -m benchmarks.table4            # full: one seed, about an hour on 2 cores
+    .venv/bin/python -m benchmarks.table4 --quick    # smoke test of the pipeline
+
+Finished runs are reused (an interrupted benchmark continues where it stopped) unless --fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.common import save
+from benchmarks.reproduce import QUICK, RECIPE, ROOT, SB, Row, run
+
+SWAP_PHASE2_EPOCHS = 5  # the recipe's phase 2: one cycle of 5 small-batch epochs per worker
+
+
+def rows(cycle_epochs: int, samples: int) -> tuple[Row, ...]:
+    swa = ("mode=swa", "phase2.workers=1", f"phase2.epochs={cycle_epochs * samples}", f"phase2.lr.cycles={samples}",
+           f"phase2.samples_per_worker={samples}")
+    return (
+        Row("SGD (small-batch)", "sgd-sb", SB),
+        Row("SGD (large-batch)", "sgd-lb", ("mode=sgd",)),
+        Row("Large-batch SWA", "swa-lb", (*swa, "phase2.per_worker_batch_size=2048", "phase2.lr.peak=0.4"),
+            phase1_from="sgd-lb"),
+        Row("Large-batch followed by small-batch SWA", "swa-lb-sb", swa, phase1_from="swap-w8"),
+        Row("Small-batch SWA", "swa-sb", swa, phase1_from="sgd-sb"),
+        Row(f"SWAP ({cycle_epochs} small-batch epochs)", "swap-w8", (f"phase2.epochs={cycle_epochs}",)),
+        Row(f"SWAP (2 x {cycle_epochs} small-batch epochs, 2 samples per worker)", "swap-w8-2c",
+            (f"phase2.epochs={2 * cycle_epochs}", "phase2.lr.cycles=2", "phase2.samples_per_worker=2"),
+            phase1_from="swap-w8"),
+    )
+
+
+def summary(r: dict) -> dict:
+    """One row's numbers: test accuracy before averaging (SWAP: the workers' mean; SWA: its last model; SGD: the
+    model, and after the same BN recomputation) and after, and the time to produce the model."""
+    if r["mode"] == "sgd":
+        return {"before": r["test_acc"], "after": r["phase1"]["test_acc_bn"], "models": 1,
+                "seconds": r["phase1"]["seconds"], "critical_path_steps": r["critical_path_steps"]}
+    return {"before": r["before_averaging"]["mean"], "before_bn": r["before_averaging_bn"]["mean"],
+            "after": r["test_acc"], "models": r["phase3"]["averaged_models"],
+            # Phase 1 (this run's, or the one it started from) + the slowest worker + phase 3: what W devices take.
+            "seconds": r["training_seconds"]["parallel_equivalent"], "critical_path_steps": r["critical_path_steps"]}
+
+
+def table(table_rows: tuple[Row, ...], numbers: dict) -> str:
+    lines = ["| method | models averaged | test acc before averaging (%) | test acc after averaging (%) "
+             "| training time (s) | critical-path steps |", "|---|---|---|---|---|---|"]
+    for row in table_rows:
+        n = numbers[row.tag]
+        after = f"{100 * n['after']:.2f}" + (" (BN recomputed, no averaging)" if n["models"] == 1 else "")
+        name = f"**{row.name}**" if row.tag.startswith("swap") else row.name
+        lines.append(f"| {name} | {n['models']} | {100 * n['before']:.2f} | {after} | {n['seconds']:.0f} | "
+                     f"{n['critical_path_steps']} |")
+    return "\n".join(lines)
+
+
+def render_readme(payload: dict) -> None:
+    readme = ROOT / "README.md"
+    marker = "table4-quick" if payload["quick"] else "table4"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = readme.read_text()
+    command = ".venv/bin/python -m benchmarks.table4" + (" --quick" if payload["quick"] else "")
+    smoke = " **A smoke test of the pipeline, not a result.**" if payload["quick"] else ""
+    block = (f"{begin}\nMeasured with `{command}` (`{RECIPE.relative_to(ROOT)}`"
+             f"{', ' + ', '.join(payload['extra']) if payload['extra'] else ''}), seed 0, 2 processes, "
+             f"{payload['runs_total_s'] / 60:.0f} min of runs.{smoke}\n\n{payload['table']}\n{end}")
+    readme.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Smoke test: small subset, 1-epoch cycles.")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "reproduce",
+                        help="Shared with benchmarks.reproduce: its finished baselines and SWAP runs are reused.")
+    parser.add_argument("--fresh", action="store_true", help="Rerun finished runs instead of reusing them.")
+    parser.add_argument("--render", type=Path, help="Only re-render the README table from a results JSON.")
+    args = parser.parse_args()
+    if args.render:
+        return render_readme(json.loads(args.render.read_text()))
+    runs_dir = args.runs_dir.resolve()
+    extra = list(QUICK[:-1]) if args.quick else []  # QUICK's last override is phase 2's length, set per row here
+    table_rows = rows(1, 2) if args.quick else rows(SWAP_PHASE2_EPOCHS, 8)
+    prefix, seed = ("quick-" if args.quick else ""), 0
+    results, numbers = {}, {}
+    # Sources first: a row that starts from another's phase 1 needs that run finished.
+    for row in sorted(table_rows, key=lambda r: r.phase1_from is not None):
+        overrides = [*row.overrides, *extra]
+        source = runs_dir / f"{prefix}{row.phase1_from}-s{seed}" if row.phase1_from else None
+        if source is not None:
+            overrides.append(f"from_phase1={source}")
+        r = run(row, overrides, seed, runs_dir / f"{prefix}{row.tag}-s{seed}", args.fresh, source)
+        results[row.tag], numbers[row.tag] = r, summary(r)
+        print(f"{row.name}: test acc {100 * r['test_acc']:.2f}%, {numbers[row.tag]['seconds']:.0f} s", flush=True)
+    rendered = table(table_rows, numbers)
+    print(rendered)
+    payload = {"quick": args.quick, "recipe": str(RECIPE.relative_to(ROOT)), "seed": seed, "extra": extra,
+               "rows_overrides": {r.tag: [*r.overrides, *([f"from_phase1=<{r.phase1_from} run>"]
+                                                         if r.phase1_from else [])] for r in table_rows},
+               "rows": numbers, "table": rendered,
+               "runs_total_s": sum(r["total_seconds"] for r in results.values())}
+    print(f"wrote {save('table4_quick' if args.quick else 'table4', payload)}")
+    render_readme(payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Several samples per worker and SWA through the same code (issue 11, items 1 and 2): the cyclic schedule, which
+epochs end a sampled cycle, the recipe's one-line errors, and a real 2-process `mode: swa` run whose model is the
+equal-weight average of its samples, taken at the cycle ends. Resume in the middle of a cycle, W x S averaging
+against an independent computation and `average` over samples are in test_resume.py (its reference run samples)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from launching import ENV, ROOT, launch, needs_fashion, tiny_recipe
+from safetensors.torch import load_file
+
+from swap_accel.recipe import LRConfig, Phase2Config, RecipeError, load_recipe
+from swap_accel.schedules import make_schedule
+from swap_accel.snapshots import CycleSamples
+
+
+def test_cycles_restart_the_whole_schedule_and_one_cycle_is_the_old_schedule():
+    steps = 10
+    cyclic = make_schedule(LRConfig(peak=0.1, warmup_epochs=1, cycles=3), epochs=6, steps_per_epoch=steps)
+    one = make_schedule(LRConfig(peak=0.1, warmup_epochs=1), epochs=2, steps_per_epoch=steps)
+    for cycle in range(3):  # each 2-epoch cycle is exactly the 2-epoch schedule: warm-up, then decay to zero
+        assert [cyclic(cycle * 2 * steps + s) for s in range(2 * steps)] == pytest.approx(
+            [one(s) for s in range(2 * steps)], abs=1e-12)
+    # Half a step from the end of a 1-epoch decay of 10 steps: 5 % of the peak; the peak is met after warm-up.
+    assert one(2 * steps - 1) == pytest.approx(0.1 * 0.05) and max(one(s) for s in range(2 * steps)) > 0.9 * 0.1
+    plain = make_schedule(LRConfig(peak=0.1), epochs=4, steps_per_epoch=steps)
+    single = make_schedule(LRConfig(peak=0.1, cycles=1), epochs=4, steps_per_epoch=steps)
+    assert [plain(s) for s in range(40)] == [single(s) for s in range(40)]  # bit for bit
+
+
+def test_samples_are_the_ends_of_the_last_cycles(tmp_path):
+    cfg = Phase2Config(per_worker_batch_size=8, epochs=6, samples_per_worker=2, lr=LRConfig(peak=0.1, cycles=3))
+    samples = CycleSamples(cfg, tmp_path, worker=3)
+    # 3 cycles of 2 epochs; the first only leads to the sampled two, whose ends are epochs 4 and 6 (0-based 3, 5).
+    assert [samples.index_after(e) for e in range(6)] == [None, None, None, 0, None, 1]
+    assert [samples.taken_before(e) for e in range(7)] == [0, 0, 0, 0, 1, 1, 2]
+    assert [p.name for p in samples.dirs] == ["p2-w3-sample0", "p2-w3-end"]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["phase2.samples_per_worker=2"], "phase2.samples_per_worker=2 takes one model at the end of each of the last "
+                                      "cycles, but phase2.lr.cycles=1; set phase2.lr.cycles=2"),
+    (["phase2.lr.cycles=3"], "phase2.lr.cycles=3 cuts the 2 epochs into equal whole-epoch cycles"),
+    (["mode=swa", "phase2.workers=2"], "mode 'swa' trains one model (phase2.workers=2)"),
+])
+def test_sampling_settings_that_cannot_work_are_one_line(sets, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(ROOT / "recipes" / "fashion_mnist.yaml", sets)
+    assert message in str(err.value) and "\n" not in str(err.value) and "{" not in str(err.value)
+
+
+@needs_fashion
+def test_swa_is_one_data_parallel_model_whose_cycle_end_samples_phase3_averages(tmp_path, data_cache):
+    """Table 4's SWA rows through SWAP's code: phase 1 for its whole budget (no τ), then one model data-parallel
+    over both processes with a cyclic LR; phase 3 averages its samples with equal weight and recomputes BN."""
+    recipe = tiny_recipe(tmp_path, data_cache, mode="swa", phase1={"max_epochs": 2, "stop_train_accuracy": None},
+                         phase2={"epochs": 2, "samples_per_worker": 2, "lr": {"peak": 0.05, "cycles": 2}})
+    out = tmp_path / "run"
+    result = launch(2, recipe, out, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "SWA (after averaging)" in result.stdout
+    r = json.loads((out / "results.json").read_text())
+    assert r["mode"] == "swa" and r["phase1"]["epochs"] == 2 and not r["phase1"]["reached_tau"]
+    assert [w["index"] for w in r["workers"]] == [0] and r["phase2"]["processes_per_worker"] == 2
+    # One model over both processes: gradients all-reduced inside its group (here: everyone), none "between workers".
+    assert r["collectives"]["phase2"]["calls"] == 0 and r["collectives"]["phase2_in_group"]["calls"] > 0
+    assert r["phase3"]["selection"]["models"] == ["w0s0", "w0s1"] and r["phase3"]["averaged_models"] == 2
+    first, last = (out / "checkpoints" / name for name in ("p2-w0-sample0", "p2-w0-end"))
+    steps_per_epoch = 21  # 2048 samples in batches of 100
+    assert json.loads((first / "manifest.json").read_text())["step"] == steps_per_epoch  # end of cycle 1
+    assert json.loads((last / "manifest.json").read_text())["step"] == 2 * steps_per_epoch
+    a, b = (load_file(p / "model.safetensors") for p in (first, last))
+    final = load_file(out / "model.safetensors")
+    for name, value in final.items():
+        if value.dtype.is_floating_point and "running" not in name:  # BN statistics are recomputed by phase 3
+            assert torch.equal(value, (a[name] + b[name]) / 2), name
+    assert any(not torch.equal(a[n], b[n]) for n in a if a[n].dtype.is_floating_point)  # two different samples
