@@ -43,3 +43,30 @@ def test_targets_are_judged_on_the_issue_thresholds():
     flat = targets({"sgd-sb": _row(0.92, train_acc=0.97), "sgd-lb": _row(0.915), "swap-w8": _row(0.92)})
     assert not flat["regime: small batch converges (train acc >= 98 %)"]
     assert not flat["regime: large batch >= 1 point below small batch"]
+
+
+def test_table4_rows_are_valid_recipes_that_share_table1s_runs():
+    """benchmarks/table4.py (issue 11): every row, full and quick, resolves to a valid recipe with the settings the
+    row's name claims; the SGD and 8-worker SWAP rows are Table 1's very runs, so one benchmark reuses the other's."""
+    from benchmarks import reproduce, table4
+
+    for table_rows, extra, cycle_epochs, samples in ((table4.rows(5, 8), [], 5, 8),
+                                                     (table4.rows(1, 2), list(reproduce.QUICK[:-1]), 1, 2)):
+        by_tag = {row.tag: row for row in table_rows}
+        recipes = {row.tag: load_recipe(RECIPE, [*row.overrides, *extra]) for row in table_rows}
+        for tag in ("swa-lb", "swa-lb-sb", "swa-sb"):
+            r = recipes[tag]
+            assert r.mode == "swa" and r.worker_layout(2).workers == 1
+            assert (r.phase2.epochs, r.phase2.lr.cycles, r.phase2.samples_per_worker) == (
+                cycle_epochs * samples, samples, samples)
+        assert recipes["swa-lb"].phase2.per_worker_batch_size == recipes["sgd-lb"].phase1.global_batch_size
+        assert {t: by_tag[t].phase1_from for t in ("swa-lb", "swa-lb-sb", "swa-sb", "swap-w8-2c")} == {
+            "swa-lb": "sgd-lb", "swa-lb-sb": "swap-w8", "swa-sb": "sgd-sb", "swap-w8-2c": "swap-w8"}
+        two = recipes["swap-w8-2c"].phase2
+        assert (two.epochs, two.lr.cycles, two.samples_per_worker) == (2 * cycle_epochs, 2, 2)
+    # Table 1's rows, resolved exactly as benchmarks/reproduce.py resolves them: the same runs.
+    table1 = {row.tag: row for row in reproduce.ROWS}
+    for tag in ("sgd-sb", "sgd-lb", "swap-w8"):
+        mine = {row.tag: row for row in table4.rows(5, 8)}[tag]
+        assert effective(load_recipe(RECIPE, list(mine.overrides))) == effective(
+            load_recipe(RECIPE, list(table1[tag].overrides)))
