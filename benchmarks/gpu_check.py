@@ -175,7 +175,8 @@ def run_precision(precision: str, out: Path, dry_run: bool) -> dict:
             "test_acc": results["test_acc"], "phase1_steps": results["phase1"]["steps"],
             "workers": results["phase2"]["workers"], "steps_checked": syncs.steps, "host_syncs": syncs.syncs[:5],
             "host_sync_count": len(syncs.syncs), "collectives_inspected": collectives.inspected,
-            "cpu_tensor_on_nccl": collectives.violations[:5], "guard_self_test": collectives.self_test and sync_self_test,
+            "cpu_tensor_on_nccl": collectives.violations[:5],
+            "guard_self_test": collectives.self_test and sync_self_test,
             "swap_step_ms": 1000 * swap_step, "hand_step_ms": 1000 * hand_step, "ratio": swap_step / hand_step,
             "peak_memory_gib": peak, "loss_scale": results["phase1"]["loss_scale"]}
 

@@ -29,6 +29,7 @@ from swap_accel.progress import Progress
 from swap_accel.recipe import LRConfig, OptimizerConfig, Phase1Config, Phase2Config, load_recipe
 from swap_accel.resume import Checkpointer
 from swap_accel.sampling import phase1_shard
+from swap_accel.snapshots import CycleSamples
 
 
 def main() -> None:
@@ -96,8 +97,9 @@ def main() -> None:
     log2 = Monitor(accelerator, recipe, counter, worker_model, sub2, sub2, None, Progress(accelerator))
 
     def swap_phase2():
-        train_phase2(worker_model, sub2, cfg2, opt_cfg, accelerator, seed=0, worker=rank, log=log2,
-                     ckpt=ckpt)
+        # A one-process worker trains its module itself (model is module); one sample, its end (issue 11).
+        train_phase2(worker_model, worker_model, sub2, cfg2, opt_cfg, accelerator, seed=0, worker=rank, log=log2,
+                     ckpt=ckpt, samples=CycleSamples(cfg2, ckpt.root.parent, rank))
 
     def plain_phase2():
         for idx in torch.randperm(n2, generator=gen).split(args.worker_batch):

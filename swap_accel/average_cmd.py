@@ -136,10 +136,10 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
         # The same sums of `flat_state` as train's phase 3 (workers.py): each worker's samples (issue 11; a
         # finished worker lists them, the last is itself) summed in the order taken, then added to the total.
         own = None
-        for sample in _samples(path, manifest):
+        for s, sample in enumerate(_samples(path, manifest)):
             flat = flat_state_of(load_weights(sample / "model.safetensors"), module, accelerator.device)
             own = flat.clone() if own is None else own.add_(flat)
-            models.append(f"{len(rows) - 1}:{sample.name}")
+            models.append(f"w{len(rows) - 1}s{s}")  # train's names, with workers numbered in the order given
             if greedy:
                 states.append(flat)
         total = own if total is None else total.add_(own)
@@ -166,7 +166,8 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     p1 = _phase1_summary(*workers[0])
     accs, steps = [r["test_acc"] for r in rows], max(r["steps"] for r in rows)
     results = {
-        **run_header(recipe, accelerator, "swap"), "averaged_from": [str(p) for p, _ in workers],
+        **run_header(recipe, accelerator, recipe.mode if recipe.phase2_runs else "swap"),
+        "averaged_from": [str(p) for p, _ in workers],
         "phase1": p1,
         "phase2": {"epochs": max(m["result"]["epochs"] for _, m in workers), "steps_per_worker": steps,
                    # How the workers were laid out is not known here: timed as if they ran side by side.
@@ -191,9 +192,15 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
 
 
 def _samples(path: Path, manifest: dict) -> list[Path]:
-    """A finished worker's samples (issue 11: the ends of its last S LR cycles, verified); any other checkpoint is
-    one model, itself."""
-    paths = [path.parent / name for name in manifest.get("samples", [path.name])]
+    """A worker's models, verified (issue 11): a finished worker lists its samples (the ends of its last S LR cycles,
+    itself last). A worker that died in phase 2 (a `p2-w<k>-step...` checkpoint) is the samples it had taken by then
+    and its weights at the checkpoint; with S = 1, the checkpoint alone."""
+    if "samples" in manifest:
+        paths = [path.parent / name for name in manifest["samples"]]
+    else:
+        taken = [p for p in path.parent.glob(f"p2-w{manifest['worker']}-sample*") if (p / "manifest.json").exists()
+                 and json.loads((p / "manifest.json").read_text())["epoch"] <= manifest.get("epoch", -1)]
+        paths = sorted(taken, key=lambda p: int(p.name.rsplit("sample", 1)[1])) + [path]
     for sample in paths:
         if sample != path:
             verify_checkpoint(sample)

@@ -188,9 +188,10 @@ def flat_state(module: torch.nn.Module) -> torch.Tensor:
 
 def flat_state_of(tensors: dict[str, torch.Tensor], module: torch.nn.Module, device) -> torch.Tensor:
     """`flat_state` of a saved state dict (a checkpoint's weights), in `module`'s order, without loading it into
-    `module`: how a resumed worker rebuilds its running sum of samples (issue 11)."""
-    names = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.dtype.is_floating_point]
-    return torch.cat([tensors[n].reshape(-1) for n in names]).to(device)
+    `module`: how a resumed worker rebuilds its running sum of samples (issue 11). A non-persistent buffer (e.g.
+    timm's swin attention masks) is in no state dict; it is a constant of the architecture, so `module`'s own."""
+    named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.dtype.is_floating_point]
+    return torch.cat([tensors.get(n, t.detach().cpu()).reshape(-1).to(device) for n, t in named])
 
 
 def load_flat_state_(module: torch.nn.Module, flat: torch.Tensor) -> None:
@@ -207,7 +208,7 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
 @torch.no_grad()
 def average_workers_(module: torch.nn.Module, local_sum: torch.Tensor, workers: int, accelerator: Accelerator) -> int:
     """Set every floating-point parameter and buffer of `module` to the mean of the W workers' (paper Algorithm 1,
-    phase 3).
+    phase 3), or of their W x S cyclic samples (issue 11: `workers` is then the number of models, W x S).
 
     `local_sum` is the sum of the workers this process leads (`flat_state` of each; zeros on a group's
     other members, so every worker counts once, each with equal weight, issue 9). One flattened all-reduce

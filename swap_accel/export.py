@@ -58,15 +58,21 @@ def _model_card(results: dict, recipe: Recipe, out: Path) -> str:
     rows = "\n".join("| " + " | ".join(row) + " |" for row in table_rows(results))
     figure = "\n![Figure 1](figure1.png)\n" if (out / "figure1.png").exists() else ""
     registry = "import swap_accel  # registers resnet9 in timm's registry\n" if recipe.model.name == "resnet9" else ""
+    method, method_long = (("SWA", "Stochastic Weight Averaging (Izmailov et al. 2018) of one data-parallel model")
+                           if results.get("mode") == "swa" else
+                           ("SWAP", "Stochastic Weight Averaging in Parallel (Gupta et al., ICLR 2020)"))
+    workers, models = len(results.get("workers", [])), (results.get("phase3") or {}).get("averaged_models")
+    averaged = f"{workers} phase-2 worker(s)" + (f", {models} models (cyclic samples)" if models and models != workers
+                                                 else "")
     return f"""---
 library_name: timm
 tags: [image-classification, timm, swap, weight-averaging]
 ---
-# {results.get("name", "swap")}: {recipe.model.name} trained with SWAP
+# {results.get("name", "swap")}: {recipe.model.name} trained with {method}
 
-Stochastic Weight Averaging in Parallel (Gupta et al., ICLR 2020) with swap_accel {results.get("version", "")}:
-{results.get("num_processes")} processes, {len(results.get("workers", []))} phase-2 workers averaged, BatchNorm
-statistics recomputed. Test accuracy {100 * results["test_acc"]:.2f} %.
+{method_long} with swap_accel {results.get("version", "")}:
+{results.get("num_processes")} processes, {averaged} averaged, BatchNorm statistics recomputed.
+Test accuracy {100 * results["test_acc"]:.2f} %.
 
 ```python
 {registry}import timm

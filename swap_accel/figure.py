@@ -70,7 +70,8 @@ def draw(results: dict) -> Figure:
         if curve["points"]:
             points = start + [(p["epoch"], p["test_acc"]) for p in curve["points"]]
             acc_ax.plot(*zip(*points, strict=True), color="crimson", lw=2, marker="*", ms=9,
-                        label="averaged model (SWAP)", gid="averaged")
+                        label=f"averaged model ({'SWA' if results.get('mode') == 'swa' else 'SWAP'})",
+                        gid="averaged")
         lr_ax.axvline(e1, color="0.3", lw=0.8, ls=":")
         lr_ax.text(e1, 1.0, " phase 2 →", transform=lr_ax.get_xaxis_transform(), va="bottom", fontsize=8)
         lr_ax.text(e1, 1.0, "← phase 1 ", transform=lr_ax.get_xaxis_transform(), va="bottom", ha="right",
@@ -82,7 +83,8 @@ def draw(results: dict) -> Figure:
     handles = [h for ax in (acc_ax, lr_ax) for h in ax.get_legend_handles_labels()[0]]
     acc_ax.legend(handles=handles, loc="lower right", fontsize=8, ncol=2 if len(handles) > 5 else 1)
     workers = len(results["workers"]) if p2 else results["num_processes"]
-    fig.suptitle(f"{results.get('name', '')}: SWAP with {workers} workers on {results['num_processes']} processes "
+    method = "SWA, 1 model sampled" if results.get("mode") == "swa" else f"SWAP with {workers} workers"
+    fig.suptitle(f"{results.get('name', '')}: {method} on {results['num_processes']} processes "
                  "(paper Figure 1)",
                  fontsize=10)
     return fig

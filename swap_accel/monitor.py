@@ -153,7 +153,8 @@ class Monitor:
 
     @torch.no_grad()
     def _averaged_point(self, epoch: int, step: int) -> float:
-        """Figure 1: the test accuracy phase 3 would give if phase 2 stopped now, computed in a scratch
+        """Figure 1: the test accuracy of the workers' current average (phase 3's result if phase 2 stopped now and
+        each worker were one sample; with samples_per_worker > 1 phase 3 averages the cycle ends), in a scratch
         copy so the workers continue untouched (their weights, BN statistics and RNG streams)."""
         start = time.perf_counter()
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []

@@ -248,16 +248,21 @@ class Recipe(Strict):
                 raise ValueError("mode 'swa' samples its models in a phase2 section (per_worker_batch_size, epochs, "
                                  "lr with cycles, samples_per_worker); add one")
             if self.phase2.workers not in (None, 1):
-                raise ValueError(f"mode 'swa' trains one model (phase2.workers={self.phase2.workers}); remove "
-                                 "phase2.workers, or use mode: swap for several workers")
-        if self.phase2 is not None and self.phase2.samples_per_worker > self.phase2.lr.cycles:
-            raise ValueError(f"phase2.samples_per_worker={self.phase2.samples_per_worker} takes one model at the end of "
-                             f"each of the last cycles, but phase2.lr.cycles={self.phase2.lr.cycles}; set "
-                             f"phase2.lr.cycles={self.phase2.samples_per_worker} (or more)")
+                raise ValueError(f"mode 'swa' trains one model (phase2.workers={self.phase2.workers}); set "
+                                 "phase2.workers=1, or use mode: swap for several workers")
+        if self.phase1.lr.cycles > 1:
+            raise ValueError("phase1.lr.cycles: cyclic learning rates are phase 2's (its samples, issue 11); phase 1 "
+                             "stops at τ; remove it, or use mode: swa for cyclic samples of one model")
+        if self.phase2_runs and self.phase2.samples_per_worker > self.phase2.lr.cycles:
+            samples, cycles = self.phase2.samples_per_worker, self.phase2.lr.cycles
+            raise ValueError(f"phase2.samples_per_worker={samples} takes one model at the end of each of the last "
+                             f"cycles, but phase2.lr.cycles={cycles}; set phase2.lr.cycles={samples} (or more)")
         if self.phase3.selection == "greedy" and not self.data.holdout_samples:
             raise ValueError("phase3.selection=greedy chooses workers on held-out training images: set "
                              "data.holdout_samples=N (e.g. 5000), so that no worker trains on them")
-        for section, epochs in (("phase1", self.phase1.max_epochs), ("phase2", self.phase2 and self.phase2.epochs)):
+        # The SGD baselines read no phase-2 setting (benchmarks reuse them while phase 2 is tuned).
+        phase2_epochs = self.phase2 and self.phase2_runs and self.phase2.epochs
+        for section, epochs in (("phase1", self.phase1.max_epochs), ("phase2", phase2_epochs)):
             if not epochs:
                 continue
             lr = getattr(self, section).lr
@@ -266,9 +271,12 @@ class Recipe(Strict):
                                  f"cycles: make {section} epochs a multiple of it, and leave schedule_epochs and "
                                  "start_epoch unset")
             length = lr.schedule_epochs or epochs
-            if lr.warmup_epochs > length:
+            cycle_length = length / lr.cycles  # each cycle warms up again
+            if lr.warmup_epochs > cycle_length:
+                what = f"one of the {lr.cycles} cycles" if lr.cycles > 1 else "the schedule"
                 raise ValueError(
-                    f"{section}.lr.warmup_epochs ({lr.warmup_epochs}) exceeds the schedule length ({length})")
+                    f"{section}.lr.warmup_epochs ({lr.warmup_epochs}) exceeds the length of {what} ({cycle_length:g} "
+                    "epochs); shorten the warm-up")
             if lr.start_epoch + epochs > length + 1e-9:
                 raise ValueError(
                     f"{section}: start_epoch + epochs ({lr.start_epoch + epochs}) runs past "

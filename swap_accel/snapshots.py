@@ -3,7 +3,8 @@ learning-rate cycles, kept as one running sum.
 
 `phase2.lr.cycles` cuts phase 2 into equal cycles, each a whole schedule (schedules.py). At the end of each of the
 last `phase2.samples_per_worker` cycles the worker's weights are one sample. Its `flat_state` is added to a running
-sum: one model-sized vector however many samples, never a copy per sample in memory. Each sample but the last is also
+sum: one model-sized vector however many samples, never a copy per sample in memory during training (the greedy
+soup, which must try each model, reads them back from disk). Each sample but the last is also
 written once to disk, as the weights-only checkpoint `p2-w<k>-sample<s>`; the last is the worker's own `p2-w<k>-end`.
 The disk copies let a resume in mid-cycle rebuild the sum bit for bit, and let `swap_accel average` and the greedy
 soup (soup.py) see every one of the W x S models. Phase 3 divides the sum of all running sums by W x S: every model

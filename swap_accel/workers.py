@@ -4,8 +4,8 @@ A process trains one worker (alone, or as a member of the worker's group) or sev
 Each worker starts from the same phase-1 weights, with its own order, seeds, optimizer and checkpoints
 (`p2-w<k>-*`), and resumes on its own. What phase 3 averages is the running sum of the finished workers'
 samples this process leads (a worker's last model, or its S cyclic samples, issue 11; a group's other members
-contribute zeros: every model counts once, equally); one flat vector, so W/P workers per process cost one extra
-model copy, not W/P.
+contribute zeros: every model counts once, equally): with W/P workers per process, two flat vectors (this sum, and
+the current worker's own running sum of samples), not W/P or W x S copies.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class WorkerRecord:
 @dataclass
 class Phase2Outcome:
     records: list[WorkerRecord] = field(default_factory=list)
-    local_sum: torch.Tensor | None = None  # sum of the flat weights of the workers this process leads
+    local_sum: torch.Tensor | None = None  # sum of the flat weights of the samples of the workers this process leads
 
     @property
     def seconds(self) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,24 +59,40 @@ def reference(tmp_path_factory, data_cache):
 
 @pytest.mark.parametrize("phase", [1, 2])
 def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, data_cache, phase):
-    recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 5}, **SAMPLED), tmp_path / "run"
+    recipe = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 7, "keep": 4}, **SAMPLED)
+    out = tmp_path / "run"
     cmd = train_command(recipe, out, "--num_processes", "2", "--main_process_port", str(free_port()))
-    # Phase 1 has 8 steps per epoch: step 10 is mid-epoch, so the partial epoch sums must survive for the τ
-    # decision. Phase 2 has 21 steps per epoch: step 25 is mid-way through worker 1's second epoch.
-    pattern, step = ("p1-step*", 10) if phase == 1 else ("p2-w1-step*", 25)
-    kill_when(start(cmd, tmp_path / "killed.log"),
-               lambda: any(int(p.name.rsplit("step", 1)[1]) >= step for p in checkpoints(out, pattern)))
+    # Phase 1 has 8 steps per epoch: its checkpoint at step 14 is mid-epoch, so the partial epoch sums must survive
+    # for the τ decision. Phase 2 has 21 steps per epoch, one LR cycle each (issue 11): step 28 is mid-way through
+    # both workers' second cycle, after their first sample.
+    def reached(pattern: str, step: int) -> bool:
+        return any(int(p.name.rsplit("step", 1)[1]) >= step for p in checkpoints(out, pattern))
+
+    ready = (lambda: reached("p1-step*", 10)) if phase == 1 else (
+        lambda: reached("p2-w0-step*", 28) and reached("p2-w1-step*", 28))
+    kill_when(start(cmd, tmp_path / "killed.log"), ready)
     assert not (out / "results.json").exists()
     all_committed_checkpoints_verify(out)
     if phase == 2:
         assert checkpoints(out, "p1-end")  # so the rerun does not repeat phase 1
-        # Mid-way through worker 1's second cycle: its first sample is only on disk (issue 11).
-        assert checkpoints(out, "p2-w1-sample0") and not checkpoints(out, "p2-w1-end")
+        assert checkpoints(out, "p2-w0-sample0") and checkpoints(out, "p2-w1-sample0")
+        assert not checkpoints(out, "p2-w*-end")
+        # Worker 1 as if killed between writing its first sample and its next checkpoint: it resumes at step 21, the
+        # last step of its first cycle (a checkpoint at an epoch's very end), and must keep the sample on disk as it
+        # is. Worker 0 resumes in mid-cycle from step 28 and rebuilds its running sum from that sample.
+        for later in checkpoints(out, "p2-w1-step*"):
+            if int(later.name.rsplit("step", 1)[1]) > 21:
+                shutil.rmtree(later)
+        assert checkpoints(out, "p2-w1-step*")[-1].name == "p2-w1-step00000021"
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **ENV}, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     resumed = json.loads((out / "results.json").read_text())["resumed_from"]
     assert resumed["phase1_step" if phase == 1 else "phase1_end"], resumed
+    if phase == 2:
+        starts = [json.loads((out / "ranks" / f"rank{r}.json").read_text())["resumed_from"]["workers"][str(r)]["step"]
+                  for r in range(2)]
+        assert 28 <= int(starts[0].rsplit("step", 1)[1]) < 42 and starts[1].endswith("p2-w1-step00000021"), starts
     assert tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []
     for k in range(2):
         assert tensors_equal(out / "workers" / f"worker{k}.safetensors",
@@ -106,7 +123,8 @@ def test_phase3_averages_every_workers_cycle_end_samples_with_equal_weight(refer
     assert any((final[n].double() - ends_only[n]).abs().max() > 1e-4 for n in final
                if final[n].dtype.is_floating_point and "running" not in n)
     r = json.loads((reference / "results.json").read_text())
-    assert r["phase3"]["averaged_models"] == 4 and r["phase3"]["selection"]["models"] == ["w0s0", "w0s1", "w1s0", "w1s1"]
+    assert r["phase3"]["averaged_models"] == 4
+    assert r["phase3"]["selection"]["models"] == ["w0s0", "w0s1", "w1s0", "w1s1"]
     # Both cycles decay to the same last-step LR (the history logs each epoch's last step; restarts: test_samples).
     assert [row["lr"] for row in r["phase2"]["history"]] == pytest.approx([0.05 / 42, 0.05 / 42])
 

@@ -13,7 +13,7 @@ from launching import ENV, ROOT, launch, needs_fashion, tiny_recipe
 from safetensors.torch import load_file
 
 from swap_accel.recipe import LRConfig, Phase2Config, RecipeError, load_recipe
-from swap_accel.schedules import make_schedule
+from swap_accel.schedules import lr_at_epoch, make_schedule
 from swap_accel.snapshots import CycleSamples
 
 
@@ -26,9 +26,10 @@ def test_cycles_restart_the_whole_schedule_and_one_cycle_is_the_old_schedule():
             [one(s) for s in range(2 * steps)], abs=1e-12)
     # Half a step from the end of a 1-epoch decay of 10 steps: 5 % of the peak; the peak is met after warm-up.
     assert one(2 * steps - 1) == pytest.approx(0.1 * 0.05) and max(one(s) for s in range(2 * steps)) > 0.9 * 0.1
-    plain = make_schedule(LRConfig(peak=0.1), epochs=4, steps_per_epoch=steps)
-    single = make_schedule(LRConfig(peak=0.1, cycles=1), epochs=4, steps_per_epoch=steps)
-    assert [plain(s) for s in range(40)] == [single(s) for s in range(40)]  # bit for bit
+    # One cycle is the schedule as it was before cycles existed, bit for bit: the step's mid-point epoch, undivided.
+    single = make_schedule(LRConfig(peak=0.1, warmup_epochs=1), epochs=4, steps_per_epoch=steps)
+    assert [single(s) for s in range(40)] == [
+        lr_at_epoch((s + 0.5) / steps, peak=0.1, warmup_epochs=1, total_epochs=4, shape="linear") for s in range(40)]
 
 
 def test_samples_are_the_ends_of_the_last_cycles(tmp_path):
@@ -45,11 +46,18 @@ def test_samples_are_the_ends_of_the_last_cycles(tmp_path):
                                       "cycles, but phase2.lr.cycles=1; set phase2.lr.cycles=2"),
     (["phase2.lr.cycles=3"], "phase2.lr.cycles=3 cuts the 2 epochs into equal whole-epoch cycles"),
     (["mode=swa", "phase2.workers=2"], "mode 'swa' trains one model (phase2.workers=2)"),
+    (["phase2.epochs=4", "phase2.lr.cycles=4", "phase2.lr.warmup_epochs=2"],
+     "phase2.lr.warmup_epochs (2.0) exceeds the length of one of the 4 cycles (1 epochs)"),
+    (["phase1.lr.cycles=2"], "phase1.lr.cycles: cyclic learning rates are phase 2's"),
 ])
 def test_sampling_settings_that_cannot_work_are_one_line(sets, message):
     with pytest.raises(RecipeError) as err:
         load_recipe(ROOT / "recipes" / "fashion_mnist.yaml", sets)
     assert message in str(err.value) and "\n" not in str(err.value) and "{" not in str(err.value)
+
+
+def test_sgd_baselines_ignore_sampling_settings_they_do_not_read():
+    load_recipe(ROOT / "recipes" / "fashion_mnist.yaml", ["mode=sgd", "phase2.samples_per_worker=2"])
 
 
 @needs_fashion
@@ -78,3 +86,14 @@ def test_swa_is_one_data_parallel_model_whose_cycle_end_samples_phase3_averages(
         if value.dtype.is_floating_point and "running" not in name:  # BN statistics are recomputed by phase 3
             assert torch.equal(value, (a[name] + b[name]) / 2), name
     assert any(not torch.equal(a[n], b[n]) for n in a if a[n].dtype.is_floating_point)  # two different samples
+
+
+def test_a_sampled_recipe_reloads_from_the_run_directory(tmp_path):
+    """recipe.yaml in a run directory is what `average`, `--from-phase1` and reuse checks read back."""
+    from swap_accel.recipe import dump_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "fashion_mnist.yaml", [
+        "mode=swa", "phase2.epochs=8", "phase2.lr.cycles=4", "phase2.samples_per_worker=3",
+        "phase2.lr.warmup_epochs=0.5"])
+    (tmp_path / "recipe.yaml").write_text(dump_recipe(recipe))
+    assert load_recipe(tmp_path / "recipe.yaml") == recipe
