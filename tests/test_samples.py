@@ -73,8 +73,17 @@ def test_swa_is_one_data_parallel_model_whose_cycle_end_samples_phase3_averages(
     r = json.loads((out / "results.json").read_text())
     assert r["mode"] == "swa" and r["phase1"]["epochs"] == 2 and not r["phase1"]["reached_tau"]
     assert [w["index"] for w in r["workers"]] == [0] and r["phase2"]["processes_per_worker"] == 2
-    # One model over both processes: gradients all-reduced inside its group (here: everyone), none "between workers".
-    assert r["collectives"]["phase2"]["calls"] == 0 and r["collectives"]["phase2_in_group"]["calls"] > 0
+    # P = 2, W = 1 (issue 9): one group of both processes is plain data-parallel small batch. Its members end
+    # bitwise equal; gradients are all-reduced inside the group (here: everyone), none "between workers": one per
+    # step (one DDP bucket), two per epoch (epoch sums, the leader's BN buffers), one for the resume decision.
+    records = [json.loads((out / "ranks" / f"rank{k}.json").read_text())["phase2"][0] for k in range(2)]
+    assert [(x["worker"], x["member"]) for x in records] == [(0, 0), (0, 1)]
+    assert records[0]["params"] == records[1]["params"]
+    steps, epochs = r["phase2"]["steps_per_worker"], r["phase2"]["epochs"]
+    assert r["collectives"]["phase2"]["calls"] == 0
+    assert r["collectives"]["phase2_in_group"]["calls"] == steps + 2 * epochs + 1
+    # The per-worker batch of 100 is split 50/50: 21 steps per epoch over the 2048 samples, as one process would.
+    assert steps == 21 * epochs
     assert r["phase3"]["selection"]["models"] == ["w0s0", "w0s1"] and r["phase3"]["averaged_models"] == 2
     first, last = (out / "checkpoints" / name for name in ("p2-w0-sample0", "p2-w0-end"))
     steps_per_epoch = 21  # 2048 samples in batches of 100
@@ -97,3 +106,15 @@ def test_a_sampled_recipe_reloads_from_the_run_directory(tmp_path):
         "phase2.lr.warmup_epochs=0.5"])
     (tmp_path / "recipe.yaml").write_text(dump_recipe(recipe))
     assert load_recipe(tmp_path / "recipe.yaml") == recipe
+
+
+def test_a_saved_models_flat_state_matches_the_modules_with_non_persistent_buffers():
+    """Resume, `average` and the soup read samples from disk as `flat_state_of`; a float buffer that no state dict
+    holds (timm's swin attention masks) comes from the module itself, so every model keeps its full length."""
+    from swap_accel.distributed import flat_state, flat_state_of
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    module[1].register_buffer("mask", torch.full((4,), 7.0), persistent=False)
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    assert "1.mask" not in saved
+    assert torch.equal(flat_state_of(saved, module, "cpu"), flat_state(module))

@@ -1,5 +1,5 @@
 """Workers are not processes (issue 9), with real processes, real gloo collectives and real Fashion-MNIST:
-worker groups (P = 4, W = 2; P = 2, W = 1), several workers per process in turn (P = 2, W = 4, with a
+worker groups (P = 4, W = 2; P = 2, W = 1 in test_samples.py), several workers per process in turn (P = 2, W = 4, with a
 SIGKILL in the third worker), and `average` over two --from-phase1 runs with different seeds.
 """
 
@@ -156,25 +156,7 @@ def test_group_average_is_the_mean_of_the_two_workers(groups):
     assert [w["index"] for w in groups["results"]["workers"]] == [0, 1]
 
 
-# ------------------------------------------------------------------- P = 2, W = 1: one group of two
-
-
-def test_one_worker_of_two_processes_is_plain_data_parallel_small_batch(tmp_path, data_cache):
-    run = _run(tmp_path, data_cache, 2, 1)
-    r = run["results"]
-    records = [rank["phase2"][0] for rank in run["ranks"]]
-    assert [(x["worker"], x["member"]) for x in records] == [(0, 0), (0, 1)]
-    assert records[0]["params"] == records[1]["params"]
-    assert r["collectives"]["phase2"]["calls"] == 0
-    steps, epochs = r["phase2"]["steps_per_worker"], r["phase2"]["epochs"]
-    assert r["collectives"]["phase2_in_group"]["calls"] == steps + 2 * epochs + 1
-    # The per-worker batch of 100 is split 50/50: 21 steps per epoch over the 2048 samples, as one process would.
-    assert r["phase2"]["steps_per_worker"] == 21 * r["phase2"]["epochs"]
-    assert [w["index"] for w in r["workers"]] == [0]
-    saved = load_file(run["out"] / "workers" / "worker0.safetensors")
-    final = load_file(run["out"] / "model.safetensors")
-    for name in _param_names():
-        assert torch.equal(final[name], saved[name]), name  # the average of one worker is that worker
+# P = 2, W = 1 (one group of two) is `mode: swa`'s layout: tests/test_samples.py runs it, with these checks too.
 
 
 # ------------------------------------------------------- P = 2, W = 4: two workers per process in turn
