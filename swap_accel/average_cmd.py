@@ -195,8 +195,8 @@ def _samples(path: Path, manifest: dict) -> list[Path]:
     """A worker's models, verified (issue 11): a finished worker lists its samples (the ends of its last S LR cycles,
     itself last). A worker that died in phase 2 (a `p2-w<k>-step...` checkpoint) is the samples it had taken by then
     and its weights at the checkpoint; with S = 1, the checkpoint alone."""
-    if "samples" in manifest:
-        paths = [path.parent / name for name in manifest["samples"]]
+    if "samples" in manifest:  # the last sample is the checkpoint itself, wherever it has been moved or renamed
+        paths = [path.parent / name for name in manifest["samples"][:-1]] + [path]
     else:
         taken = [p for p in path.parent.glob(f"p2-w{manifest['worker']}-sample*") if (p / "manifest.json").exists()
                  and json.loads((p / "manifest.json").read_text())["epoch"] <= manifest.get("epoch", -1)]
