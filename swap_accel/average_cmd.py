@@ -20,7 +20,6 @@ import yaml
 from .bn import recalibrate_bn_
 from .checkpoints import (
     CheckpointError,
-    load_weights,
     load_weights_into,
     save_weights,
     verify_checkpoint,
@@ -30,13 +29,14 @@ from .checkpoints import (
 )
 from .counting import CollectiveCounter
 from .data import load_data
-from .distributed import flat_state_of, load_flat_state_, make_accelerator
+from .distributed import flat_state, load_flat_state_, make_accelerator
 from .evaluate import evaluate_local, evaluate_shared
 from .models import build_model
 from .recipe import Recipe, dump_recipe
 from .report import averaging_summary, print_table, run_header
 from .resume import ROOT, check_model
 from .rundir import check_writable
+from .snapshots import CycleSamples, load_flat, model_name
 from .soup import greedy_phase3
 
 _PHASES = ("setup", "phase3", "evaluation")
@@ -133,13 +133,13 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
             save_weights(_mkdir(out / "workers") / f"worker{len(rows) - 1}.safetensors", module,
                          {"worker": str(manifest["worker"]), "seed": str(manifest.get("seed")),
                           "checkpoint": str(path)})
-        # The same sums of `flat_state` as train's phase 3 (workers.py): each worker's samples (issue 11; a
-        # finished worker lists them, the last is itself) summed in the order taken, then added to the total.
+        # The same sums of `flat_state` as train's phase 3 (workers.py): each worker's samples (issue 11) summed in
+        # the order taken, the last being the checkpoint itself (already in `module`), then added to the total.
         own = None
-        for s, sample in enumerate(_samples(path, manifest)):
-            flat = flat_state_of(load_weights(sample / "model.safetensors"), module, accelerator.device)
+        for s, sample in enumerate([*_earlier_samples(path, manifest, recipe), path]):
+            flat = flat_state(module) if sample == path else load_flat(sample, module, accelerator.device)
             own = flat.clone() if own is None else own.add_(flat)
-            models.append(f"w{len(rows) - 1}s{s}")  # train's names, with workers numbered in the order given
+            models.append(model_name(len(rows) - 1, s))  # workers numbered in the order given
             if greedy:
                 states.append(flat)
         total = own if total is None else total.add_(own)
@@ -191,19 +191,17 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     return results
 
 
-def _samples(path: Path, manifest: dict) -> list[Path]:
-    """A worker's models, verified (issue 11): a finished worker lists its samples (the ends of its last S LR cycles,
-    itself last). A worker that died in phase 2 (a `p2-w<k>-step...` checkpoint) is the samples it had taken by then
-    and its weights at the checkpoint; with S = 1, the checkpoint alone."""
-    if "samples" in manifest:  # the last sample is the checkpoint itself, wherever it has been moved or renamed
-        paths = [path.parent / name for name in manifest["samples"][:-1]] + [path]
+def _earlier_samples(path: Path, manifest: dict, recipe: Recipe) -> list[Path]:
+    """A worker's samples before the checkpoint `path` itself, verified (issue 11). A finished worker lists them (the
+    ends of its last S LR cycles; the last, itself, wherever it has been moved). A worker that died in phase 2 (a
+    `p2-w<k>-step...` checkpoint) has the ones its recipe had taken by the checkpoint's epoch (snapshots.py)."""
+    if manifest["kind"] == "phase2-end" or recipe.phase2 is None:  # (a worker finished before issue 11: itself)
+        paths = [path.parent / name for name in manifest.get("samples", [path.name])[:-1]]
     else:
-        taken = [p for p in path.parent.glob(f"p2-w{manifest['worker']}-sample*") if (p / "manifest.json").exists()
-                 and json.loads((p / "manifest.json").read_text())["epoch"] <= manifest.get("epoch", -1)]
-        paths = sorted(taken, key=lambda p: int(p.name.rsplit("sample", 1)[1])) + [path]
+        taken = CycleSamples(recipe.phase2, path.parent.parent, manifest["worker"])
+        paths = taken.dirs[: taken.taken_before(manifest["epoch"])]
     for sample in paths:
-        if sample != path:
-            verify_checkpoint(sample)
+        verify_checkpoint(sample)
     return paths
 
 

@@ -288,20 +288,20 @@ class Checkpointer:
     def save_transition_point(self, module, result, tau: float) -> None:
         """`p1-tau<τ>`: phase 1 as a run with this τ would end it (issue 12), kept once and by rank 0, as p1-end
         is; `--from-phase1` takes it. A resumed phase 1 that crossed τ before the kill does not write it again."""
-        name = f"p1-tau{tau:g}"
-        if self.rank == 0 and not (self.root / name / "manifest.json").exists():
-            # Not `save_end`: this is no fallback for the run itself, so `last_good` stays what it was.
-            self._save_weights_only(module, name, "phase1-end", result.steps,
-                                    {"tau": tau, "result": {**dataclasses.asdict(result), "reached_tau": True}})
+        if self.rank == 0:
+            self._save_once(module, f"p1-tau{tau:g}", "phase1-end", result.steps,
+                            {"tau": tau, "result": {**dataclasses.asdict(result), "reached_tau": True}})
 
     def save_sample(self, module, name: str, step: int, info: dict) -> None:
-        """`p2-w<k>-sample<s>` (issue 11, snapshots.py): a worker's model at the end of a sampled cycle. A worker that
-        resumed before this cycle's end computes the same weights again: a good copy on disk is kept, not replaced."""
-        try:
-            verify_checkpoint(self.root / name)
-            return
-        except CheckpointError:
-            self._save_weights_only(module, name, "phase2-sample", step, info)
+        """`p2-w<k>-sample<s>` (issue 11, snapshots.py): a worker's model at the end of a sampled cycle."""
+        self._save_once(module, name, "phase2-sample", step, info)
+
+    def _save_once(self, module, name: str, kind: str, step: int, info: dict) -> None:
+        """A weights-only checkpoint a run may reach again after a resume, with the same weights (the resume is
+        exact): a committed copy is kept, not rewritten. Not `save_end`: no fallback for the run, so `last_good`
+        stays what it was."""
+        if not (self.root / name / "manifest.json").exists():  # the manifest is committed with the directory
+            self._save_weights_only(module, name, kind, step, info)
 
     def save_end(self, module, name: str, kind: str, step: int, info: dict) -> Path:
         """End of phase 1 (rank 0, the weights every rank holds after the buffer broadcast) or of one worker."""

@@ -23,6 +23,16 @@ from .recipe import Phase2Config
 from .resume import ROOT
 
 
+def model_name(worker: int, sample: int) -> str:
+    """How results.json names one of the W x S averaged models (`phase3.selection.models`)."""
+    return f"w{worker}s{sample}"
+
+
+def load_flat(path: Path, module: torch.nn.Module, device) -> torch.Tensor:
+    """The `flat_state` of a saved sample, without loading it into `module` (which only names the tensors)."""
+    return flat_state_of(load_weights(path / "model.safetensors"), module, device)
+
+
 def sample_dirs(run_dir: Path, worker: int, samples: int) -> list[Path]:
     """Where worker `worker`'s samples are saved, in the order they were taken (the last is its end checkpoint)."""
     root = run_dir / ROOT
@@ -74,5 +84,5 @@ class CycleSamples:
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; a finished sample of this worker is lost, so its average cannot be "
                                       "rebuilt: rerun with --overwrite") from None
-            flat = flat_state_of(load_weights(path / "model.safetensors"), module, device)
+            flat = load_flat(path, module, device)
             self.sum = flat if self.sum is None else self.sum.add_(flat)

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from .bn import recalibrate_bn_
-from .checkpoints import load_weights
-from .distributed import flat_state_of, load_flat_state_
+from .distributed import load_flat_state_
 from .evaluate import evaluate_shared
-from .snapshots import sample_dirs
+from .snapshots import load_flat, sample_dirs
 
 
 @torch.no_grad()
@@ -57,7 +56,6 @@ def greedy_soup(module: torch.nn.Module, flats: list[torch.Tensor], score: Calla
             "curve": curve, "holdout_acc": final}
 
 
-
 def greedy_phase3(module: torch.nn.Module, states: list[torch.Tensor], recipe, train_data, holdout_loader,
                   accelerator) -> tuple[dict, dict]:
     """Phase 3 as a greedy soup (train.py and `swap_accel average`): every candidate gets phase 3's BN recomputation
@@ -77,5 +75,4 @@ def finished_sample_states(run_dir: Path, workers: int, samples: int, module: to
     """The `flat_state` of every worker's every sample (W x S, worker-major; the last of a worker's is its
     p2-w<k>-end), read by every process from the checkpoints (the run directory is shared, as phase 1's checkpoints
     already require): each rank holds only the running sum of its own workers."""
-    return [flat_state_of(load_weights(path / "model.safetensors"), module, device)
-            for k in range(workers) for path in sample_dirs(run_dir, k, samples)]
+    return [load_flat(path, module, device) for k in range(workers) for path in sample_dirs(run_dir, k, samples)]

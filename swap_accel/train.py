@@ -47,6 +47,7 @@ from .report import averaging_summary, print_table, run_header, table_rows
 from .resume import Checkpointer, find_start, finished_workers, load_result
 from .rundir import discard_outputs
 from .sampling import digest
+from .snapshots import model_name
 from .soup import finished_sample_states, greedy_phase3
 from .workers import gathered_rows, run_workers
 
@@ -190,7 +191,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
             raise lost(str(e)) from None
         log.drain()  # every worker is done: the tracker gets all rows that were still in flight
         with counter.phase("phase3"), peers_required(lambda: str(lost("one is gone"))):
-            models = [f"w{k}s{s}" for k in range(layout.workers) for s in range(recipe.phase2.samples_per_worker)]
+            models = [model_name(k, s) for k in range(layout.workers) for s in range(recipe.phase2.samples_per_worker)]
             if recipe.phase3.selection == "greedy":  # issue 11: a model joins only if it does not hurt held-out
                 states = finished_sample_states(run_dir, layout.workers, recipe.phase2.samples_per_worker, module,
                                                 accelerator.device)

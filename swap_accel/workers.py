@@ -80,7 +80,10 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
                               member=member, members=members, samples=samples)
         else:  # this worker finished before the run stopped
             p2 = load_result(start.end, module, Phase2Result)
-            samples.restore(recipe.phase2.epochs, module, accelerator.device)
+            # Its earlier samples from disk, then its last epoch's sample once more: the end weights just loaded.
+            last_epoch = recipe.phase2.epochs - 1
+            samples.restore(last_epoch, module, accelerator.device)
+            samples.take(module, last_epoch, ckpt, p2.steps)
         with counter.phase("evaluation"):
             test_acc = p2.history[-1].get("test_acc")  # evaluated at the last logging point, if it was due
             if test_acc is None:
