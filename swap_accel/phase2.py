@@ -27,7 +27,7 @@ from .phase1 import TrainingDiverged, log_off_clock, require_finite
 from .precision import LossScale, new_scaler
 from .recipe import OptimizerConfig, Phase2Config
 from .resume import Checkpointer, restore_loop, restore_optimizer
-from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, worker_order, worker_shard
+from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, shard_loss_weights, worker_order, worker_shard
 from .schedules import make_schedule
 from .snapshots import CycleSamples
 
@@ -93,6 +93,10 @@ def train_phase2(
     order_of = lambda epoch: worker_order(source.num_samples, seed=seed, worker=worker, epoch=epoch)  # noqa: E731
     _, step_sizes = worker_shard(order_of(0), batch_size=cfg.per_worker_batch_size, member=member, members=members)
     steps_per_epoch = len(step_sizes)
+    # Every sample of a worker's step weighs the same, whichever member's slice it is in (unequal slices at an
+    # epoch's tail): each member's mean loss is scaled by its share before the group averages the gradients.
+    loss_weights = shard_loss_weights(source.num_samples, batch_size=cfg.per_worker_batch_size, member=member,
+                                      members=members)
     lr_at = make_schedule(cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
     augment_gen = torch.Generator(device=accelerator.device).manual_seed(
         _member_seed(seed, AUGMENT, 2, worker, member=member))
@@ -123,10 +127,11 @@ def train_phase2(
             lr = lr_at(result.steps)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
+            weight = loss_weights[result.steps - epoch * steps_per_epoch]
             with accelerator.autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=opt_cfg.label_smoothing)
-            loss_scale.backward(loss)
+            loss_scale.backward(loss if weight == 1.0 else loss * weight)
             loss_scale.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             result.steps += 1

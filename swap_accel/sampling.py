@@ -49,25 +49,48 @@ def worker_order(n: int, *, seed: int, worker: int, epoch: int) -> torch.Tensor:
     return _permutation(n, derive_seed(seed, PHASE2, worker, epoch))
 
 
-def worker_shard(order: torch.Tensor, *, batch_size: int, member: int, members: int) -> tuple[torch.Tensor, list[int]]:
-    """A group member's part of its worker's epoch order (issue 9): (indices in step order, samples per step).
+def worker_blocks(n: int, *, batch_size: int, members: int) -> list[int]:
+    """How many samples each step of a worker's epoch takes, over all `members` processes of its group.
 
-    Step s takes the s-th block of `batch_size` samples of the worker's order and member j the j-th of
-    `members` near-equal slices of it, so the group visits every sample once per epoch. The last block is
-    partial; a tail too small to give every member a sample joins the block before it (no member may skip
-    a step: the group's gradient all-reduce needs all of them). With one member this is plain batching.
+    Blocks of `batch_size`; the last one is partial. In a group, a tail that cannot give every member two samples
+    joins the block before it: no member may skip a step (the group's gradient all-reduce needs all of them), and
+    BatchNorm in training mode needs more than one value per channel (BatchNorm1d raises on a one-sample slice).
+    One member is plain batching, the last batch as it falls.
     """
-    n = order.numel()
     if n < members:
         raise ValueError(f"{n} samples cannot be shared by {members} processes of one worker")
     full, tail = divmod(n, batch_size)
     blocks = [batch_size] * full
-    if tail and (tail >= members or not blocks):
+    if tail and (members == 1 or tail >= 2 * members or not blocks):
         blocks.append(tail)
     elif tail:
         blocks[-1] += tail
+    return blocks
+
+
+def worker_shard(order: torch.Tensor, *, batch_size: int, member: int, members: int) -> tuple[torch.Tensor, list[int]]:
+    """A group member's part of its worker's epoch order: (indices in step order, samples per step).
+
+    Step s takes the s-th block of the worker's order (`worker_blocks`) and member j the j-th of `members`
+    near-equal slices of it, so the group visits every sample once per epoch. With one member this is plain
+    batching.
+    """
+    blocks = worker_blocks(order.numel(), batch_size=batch_size, members=members)
     parts = [block.tensor_split(members)[member] for block in order.split(blocks)]
     return torch.cat(parts), [p.numel() for p in parts]
+
+
+def shard_loss_weights(n: int, *, batch_size: int, member: int, members: int) -> list[float]:
+    """Per step, the factor on member `member`'s mean loss that makes the group's averaged gradient the mean over
+    the whole block: members x (its samples) / (the block's samples).
+
+    The group's all-reduce averages the members' gradients with equal weight; unequal slices (a partial last
+    block, or a batch that does not divide by the members) would otherwise weigh a sample of a small slice more
+    than one of a large slice. Equal slices give exactly 1.0, so those steps are unchanged bit for bit.
+    """
+    blocks = worker_blocks(n, batch_size=batch_size, members=members)
+    # torch.tensor_split gives the first (block % members) slices one sample more.
+    return [members * (block // members + (member < block % members)) / block for block in blocks]
 
 
 def bn_order(n: int, *, seed: int, samples: int | None) -> torch.Tensor:

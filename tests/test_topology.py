@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from launching import (
     free_port,
     kill_when,
     launch,
+    run_on_ranks,
     needs_fashion,
     start,
     tensors_equal,
@@ -247,3 +249,102 @@ def test_shipped_recipes_lay_out_the_papers_workers(recipe, processes, expected)
     parsed = load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
     parsed.check_processes(processes)
     assert parsed.worker_layout(processes).describe() == expected
+
+
+SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from pathlib import Path
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from swap_accel.data import InMemorySource
+    from swap_accel.distributed import data_parallel, make_accelerator
+    from swap_accel.phase2 import make_sgd, train_phase2
+    from swap_accel.recipe import AugmentConfig, LRConfig, OptimizerConfig, Phase2Config
+    from swap_accel.sampling import worker_order
+    from swap_accel.schedules import make_schedule
+    from swap_accel.snapshots import CycleSamples
+
+    out = Path(sys.argv[1])
+    acc = make_accelerator()
+    rank = acc.process_index
+    group = dist.new_group([0, 1])
+    n = 205  # blocks of 100, 100 and a tail of 5: slices of 3 and 2 on the two members
+    g = torch.Generator().manual_seed(0)
+    source = InMemorySource(torch.randint(0, 256, (n, 1, 6, 6), dtype=torch.uint8, generator=g),
+                            torch.randint(0, 10, (n,), generator=g), mean=[0.5], std=[0.25],
+                            class_names=[str(c) for c in range(10)],
+                            augment=AugmentConfig(crop_padding=0, flip=False, cutout_size=0), device=acc.device)
+
+    def fresh():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+
+    class NoLogging:
+        def steps(self, iterable, **where):
+            return iterable
+        def __call__(self, row):
+            pass
+
+    class NoCheckpoints:
+        last_good = None
+        def begin(self, step, *, by_clock): pass
+        def due(self, step): return False
+        def calibrate(self, seconds_per_step): pass
+
+    cfg = Phase2Config(per_worker_batch_size=100, epochs=1, lr=LRConfig(peak=2.0))
+    opt = OptimizerConfig(momentum=0.0, weight_decay=0.0)
+    module = fresh()
+    train_phase2(data_parallel(module, group, acc.device), module, source, cfg, opt, acc, seed=0, worker=0,
+                 log=NoLogging(), ckpt=NoCheckpoints(), group=group, member=rank, members=2,
+                 samples=CycleSamples(cfg, out, 0, leader=rank == 0))
+
+    def by_hand(split_tail):
+        # One process, the group's very blocks: the mean loss over every sample of a block (weighted=True), or
+        # the mean of the two members' slice means (what an unweighted all-reduce of a 3/2 tail gives).
+        ref = fresh()
+        sgd = make_sgd(ref, opt, cfg.lr.peak)
+        lr_at = make_schedule(cfg.lr, epochs=1, steps_per_epoch=3)
+        order = worker_order(n, seed=0, worker=0, epoch=0)
+        for step, block in enumerate(order.split([100, 100, 5])):
+            x, y = next(source.batches(block, len(block), augment=False, generator=None))
+            logits = ref(x)
+            if split_tail:
+                loss = sum(F.cross_entropy(logits[part], y[part]) for part in torch.arange(len(block)).tensor_split(2)) / 2
+            else:
+                loss = F.cross_entropy(logits, y)
+            for pg in sgd.param_groups:
+                pg["lr"] = lr_at(step)
+            loss.backward()
+            sgd.step()
+            sgd.zero_grad()
+        return ref
+
+    def gap(other):
+        return max((a - b).abs().max().item() for a, b in zip(module.state_dict().values(),
+                                                               other.state_dict().values()))
+
+    (out / f"rank{rank}.json").write_text(json.dumps({"weighted": gap(by_hand(False)),
+                                                       "equal_slices": gap(by_hand(True))}))
+""")
+
+
+def test_a_groups_unequal_tail_weighs_every_sample_equally(tmp_path):
+    """A worker group's step is the step of one process on the whole block, also on an epoch's partial last block
+    (a tail of 5 over 2 members gives slices of 3 and 2): each member's mean loss is scaled by its share before the
+    in-group all-reduce averages the gradients. Two real processes train with train_phase2; the same steps by hand
+    on one process agree, and the equal-weight average of the slices, which the tail would give unweighted, does
+    not (so this test can tell the two apart)."""
+    ranks = run_on_ranks(SHARD_WEIGHT_SCRIPT, tmp_path)
+    for rank in ranks:
+        assert rank["weighted"] < 1e-6, rank
+        assert rank["equal_slices"] > 1e-4, rank
+
+
+def test_worker_blocks_give_every_member_two_samples_of_the_tail():
+    from swap_accel.sampling import shard_loss_weights, worker_blocks
+
+    assert worker_blocks(205, batch_size=100, members=2) == [100, 100, 5]
+    assert worker_blocks(203, batch_size=100, members=2) == [100, 103]  # 3 < 2 x 2: joins the block before
+    assert worker_blocks(201, batch_size=100, members=1) == [100, 100, 1]  # one process: plain batching
+    assert shard_loss_weights(205, batch_size=100, member=0, members=2) == [1.0, 1.0, 2 * 3 / 5]
+    assert shard_loss_weights(205, batch_size=100, member=1, members=2) == [1.0, 1.0, 2 * 2 / 5]
