@@ -55,6 +55,7 @@ class Monitor:
     phase1_epochs: int = 0
     seconds: dict = field(default_factory=lambda: {"phase1": 0.0, "phase2": 0.0})
     curve: list[dict] = field(default_factory=list)
+    curve_after: int = 0  # phase-2 epoch after which every worker trains in this launch (workers.py)
     _logged: dict = field(default_factory=dict)  # main process: worker -> bytes of its file already logged
 
     @property
@@ -120,7 +121,8 @@ class Monitor:
         averaged = None
         every = self.recipe.tracking.averaged_curve
         # The last epoch's point is phase 3's own result (train.py): the same average, BN pass and test set.
-        if isinstance(every, int) and row["epoch"] % every == 0 and row["epoch"] < self.recipe.phase2.epochs:
+        if (isinstance(every, int) and row["epoch"] % every == 0 and self.curve_after < row["epoch"]
+                < self.recipe.phase2.epochs):
             averaged = self._averaged_point(self.phase1_epochs + row["epoch"], row["run_step"])
             tracking.log(self.accelerator, {"averaged/test_acc": averaged}, step=row["run_step"])
         self.drain()

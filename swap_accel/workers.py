@@ -18,7 +18,7 @@ import torch
 
 from .checkpoints import save_weights
 from .counting import CollectiveCounter
-from .distributed import broadcast_object, data_parallel, flat_state, gather_objects
+from .distributed import broadcast_object, data_parallel, flat_state, gather_objects, gather_values
 from .evaluate import evaluate_local, evaluate_recalibrated
 from .phase2 import Phase2Result, train_phase2
 from .recipe import Recipe
@@ -65,6 +65,13 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
         found = find_worker_start(run_dir, worker, leader=member == 0) if member == 0 else None
         started[worker] = broadcast_object(found, accelerator, group) if group is not None else found
         log.restore_worker(worker, started[worker].position(recipe.phase2.epochs)[1])
+    if isinstance(recipe.tracking.averaged_curve, int):
+        # A curve point is a collective over every process, so every process must reach the same points. After a
+        # resume the workers stand at different epochs (each checkpoints on its own clock; a finished one skips
+        # phase 2): points only at epochs after the latest start, which every worker trains in this launch.
+        first = max(started[worker].position(recipe.phase2.epochs)[0] for worker in mine)
+        with counter.phase("averaged_curve"):
+            log.curve_after = int(gather_values(torch.tensor([first], device=accelerator.device), accelerator).max())
     # Sequential workers all start from phase 1's weights and buffers; one copy, kept on the device.
     origin = {k: v.detach().clone() for k, v in module.state_dict().items()} if len(mine) > 1 else None
     model = data_parallel(module, group, accelerator.device)

@@ -59,7 +59,10 @@ def reference(tmp_path_factory, data_cache):
 
 @pytest.mark.parametrize("phase", [1, 2])
 def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, data_cache, phase):
-    recipe = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 7, "keep": 4}, **SAMPLED)
+    # Phase 2 also takes Figure 1's averaged-model curve every epoch: a collective over every process, which the
+    # rerun's workers, resumed at different epochs, must all reach equally often (else one waits out the timeout).
+    curve = {"tracking": {"averaged_curve": 1}, "collective_timeout_minutes": 1.5} if phase == 2 else {}
+    recipe = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 7, "keep": 4}, **SAMPLED, **curve)
     out = tmp_path / "run"
     cmd = train_command(recipe, out, "--num_processes", "2", "--main_process_port", str(free_port()))
     # Phase 1 has 8 steps per epoch: its checkpoint at step 14 is mid-epoch, so the partial epoch sums must survive
@@ -93,6 +96,10 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, 
         starts = [json.loads((out / "ranks" / f"rank{r}.json").read_text())["resumed_from"]["workers"][str(r)]["step"]
                   for r in range(2)]
         assert 28 <= int(starts[0].rsplit("step", 1)[1]) < 42 and starts[1].endswith("p2-w1-step00000021"), starts
+        # Worker 0 resumes in epoch 2, worker 1 ends epoch 1 first: no epoch both train in this launch takes a
+        # scratch average, and the curve is phase 3's own point.
+        points = json.loads((out / "results.json").read_text())["averaged_curve"]["points"]
+        assert [p.get("source") for p in points] == ["phase3"], points
     assert tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []
     for k in range(2):
         assert tensors_equal(out / "workers" / f"worker{k}.safetensors",
