@@ -38,12 +38,28 @@ def averaging_summary(worker_accs: list[float], final_acc: float, counted: int,
     return summary
 
 
-COLUMNS = ("method", "test acc (%)", "train time (s)", "parallel-equivalent (s)", "critical-path steps")
+# What results.json's `training_seconds` mean, written next to them.
+TIME_DEFINITIONS = {
+    "measured": "equal hardware: phase 1 + phase 2 (its slowest process, workers in turn included) + phase 3, "
+                "as this launch ran them on its P processes",
+    "parallel_equivalent": "phase 1 and phase 3 as measured on the P processes, phase 2 as its slowest worker alone: "
+                           "what W workers would take on W devices (or W groups of processes_per_worker) at once",
+}
+
+
+def training_seconds(phase1: float, phase2_measured: float, slowest_worker: float, phase3: float) -> dict:
+    """results.json's two clocks. Phase 3 starts once every process has arrived (train.py), so neither counts the
+    workers' skew twice: it is in phase 2's slowest process already."""
+    return {"measured": phase1 + phase2_measured + phase3, "parallel_equivalent": phase1 + slowest_worker + phase3,
+            "definitions": TIME_DEFINITIONS}
+
+
+COLUMNS = ("method", "test acc (%)", "measured time (s)", "parallel-equivalent (s)", "critical-path steps")
 
 
 def table_rows(results: dict) -> list[tuple[str, ...]]:
-    """COLUMNS for one run. Train time is what this launch measured; parallel-equivalent is phase 1 + the slowest
-    single worker + phase 3, what W devices would take when several workers ran in turn here (issue 9)."""
+    """COLUMNS for one run: the time this launch measured on its own processes first (equal hardware), then the
+    parallel-equivalent time (TIME_DEFINITIONS)."""
     steps = str(results["critical_path_steps"])
     p1 = results["phase1"]
     if results["mode"] == "sgd":

@@ -43,7 +43,7 @@ from .phase1 import Phase1Result, train_phase1, warn_ghost_batchnorm
 from .phase2 import make_sgd
 from .progress import Progress
 from .recipe import Recipe, dump_recipe
-from .report import averaging_summary, print_table, run_header, table_rows
+from .report import averaging_summary, print_table, run_header, table_rows, training_seconds
 from .resume import Checkpointer, find_start, finished_workers, load_result
 from .rundir import discard_outputs
 from .sampling import digest
@@ -177,7 +177,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                                   "order_digests": r.result.order_digests} for r in p2.records]
 
         # Phase 3: average the workers' weights, recompute BN statistics, evaluate.
-        p3_start = time.perf_counter()
+        wait_start = time.perf_counter()
         lost = lambda why: DistributedError(  # noqa: E731  (only built if a peer is gone)
             f"phase 3 averages every worker but {why}; workers {finished_workers(run_dir)} of {layout.workers} "
             f"finished phase 2 ({run_dir}/checkpoints/p2-w*-end); rerun the same command to resume the others, or "
@@ -190,6 +190,10 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         except RuntimeError as e:
             raise lost(str(e)) from None
         log.drain()  # every worker is done: the tracker gets all rows that were still in flight
+        # Phase 3's clock starts once every process is here: the wait is the workers' skew, which phase 2's time
+        # (the slowest process's) already counts.
+        p3_start = time.perf_counter()
+        p3_wait = p3_start - wait_start
         with counter.phase("phase3"), peers_required(lambda: str(lost("one is gone"))):
             models = [model_name(k, s) for k in range(layout.workers) for s in range(recipe.phase2.samples_per_worker)]
             if recipe.phase3.selection == "greedy":  # issue 11: a model joins only if it does not hurt held-out
@@ -225,14 +229,12 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                        "samples_per_worker": recipe.phase2.samples_per_worker, "history": first.history,
                        "workers_history": log.workers_history(histories)},
             "averaged_curve": log.curve_summary(),
-            "phase3": {"seconds": p3_seconds, "averaged_values": averaged, "averaged_models": len(models), "bn": bn,
-                       "selection": selection},
+            "phase3": {"seconds": p3_seconds, "wait_seconds": p3_wait, "averaged_values": averaged,
+                       "averaged_models": len(models), "bn": bn, "selection": selection},
             "workers": workers,
             **averaging_summary([w["test_acc"] for w in workers], final_acc, counted,
                                 [w["test_acc_bn"] for w in workers]),
-            # What W devices would take (every worker at once), next to what this launch measured (issue 9).
-            "training_seconds": {"measured": p1.seconds + p2_wall + p3_seconds,
-                                 "parallel_equivalent": p1.seconds + slowest + p3_seconds},
+            "training_seconds": training_seconds(p1.seconds, p2_wall, slowest, p3_seconds),
             "critical_path_steps": p1.steps + first.steps,
         })
 

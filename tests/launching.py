@@ -122,6 +122,17 @@ def hang(proc: subprocess.Popen) -> None:
         child.send_signal(signal.SIGSTOP)
 
 
+def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    """The process of global rank `rank` among a launcher's children (torch elastic sets RANK in each)."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no rank {rank} among the launcher's children")
+
+
 def _process(pid: int) -> psutil.Process | None:
     try:
         return psutil.Process(pid)

@@ -29,6 +29,7 @@ from launching import (
     kill_when,
     launch,
     needs_fashion,
+    rank_process,
     start,
     tensors_equal,
     tiny_recipe,
@@ -48,13 +49,41 @@ def all_committed_checkpoints_verify(out: Path) -> None:
         verify_checkpoint(path)  # a kill mid-write leaves only a hidden staging directory
 
 
+STALL_SECONDS = 8
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_cache):
-    """An uninterrupted run, with only the end-of-phase checkpoints (default every_minutes=15)."""
+    """An uninterrupted run, with only the end-of-phase checkpoints (default every_minutes=15). Rank 1 is stopped
+    (SIGSTOP) for STALL_SECONDS after its worker's first sample, so rank 0 reaches phase 3 first and waits: a
+    straggler, as on any shared machine. Stopping changes no number the run computes."""
     tmp = tmp_path_factory.mktemp("reference")
-    result = launch(2, tiny_recipe(tmp, data_cache, **SAMPLED), tmp / "run", env=ENV)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return tmp / "run"
+    out = tmp / "run"
+    proc = start(train_command(tiny_recipe(tmp, data_cache, **SAMPLED), out, "--num_processes", "2",
+                               "--main_process_port", str(free_port())), tmp / "reference.log")
+    deadline = time.monotonic() + 240
+    while not checkpoints(out, "p2-w1-sample0"):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "reference.log").read_text()[-3000:]
+        time.sleep(0.02)
+    rank1 = rank_process(proc, 1)
+    rank1.suspend()
+    time.sleep(STALL_SECONDS)
+    rank1.resume()
+    assert proc.wait(timeout=300) == 0, (tmp / "reference.log").read_text()[-3000:]
+    return out
+
+
+def test_phase3_time_starts_when_every_process_has_arrived(reference):
+    """A straggler's extra time is phase 2's (the slowest process's), reported once: phase 3's own clock starts
+    after the processes meet, and the main process's wait for the straggler is reported apart."""
+    r = json.loads((reference / "results.json").read_text())
+    p3 = r["phase3"]
+    assert p3["wait_seconds"] > STALL_SECONDS / 2 > p3["seconds"], p3
+    times = r["training_seconds"]
+    assert times["measured"] == pytest.approx(r["phase1"]["seconds"] + r["phase2"]["seconds"] + p3["seconds"])
+    assert times["parallel_equivalent"] == pytest.approx(
+        r["phase1"]["seconds"] + r["phase2"]["slowest_worker_seconds"] + p3["seconds"])
+    assert set(times["definitions"]) == {"measured", "parallel_equivalent"}
 
 
 @pytest.mark.parametrize("phase", [1, 2])
