@@ -57,3 +57,13 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def replace_block(marker: str, body: str) -> Path:
+    """Put `body` between the README's `<!-- marker:begin -->` and `<!-- marker:end -->` lines: the README's
+    benchmark numbers are written by the benchmark that measured them, never typed."""
+    readme = RESULTS.parents[1] / "README.md"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = readme.read_text()
+    readme.write_text(text[: text.index(begin)] + f"{begin}\n{body}\n{end}" + text[text.index(end) + len(end):])
+    return readme

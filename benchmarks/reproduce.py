@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import save
+from benchmarks.common import replace_block, save
 from swap_accel.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,18 +192,14 @@ def table(rows: dict) -> str:
 
 def render_readme(payload: dict) -> None:
     """Put the table, the targets and the command that made them between the README's markers."""
-    readme = ROOT / "README.md"
     marker = "reproduce-quick" if payload["quick"] else "reproduce"  # each variant has its own block
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    text = readme.read_text()
     command = ".venv/bin/python -m benchmarks.reproduce" + (" --quick" if payload["quick"] else "")
     smoke = " **A smoke test of the pipeline, not a result.**" if payload["quick"] else ""
     checks = "\n".join(f"- {'PASS' if ok else 'MISS'}: {name}" for name, ok in payload["targets"].items())
-    block = (f"{begin}\nMeasured with `{command}` (`{RECIPE.relative_to(ROOT)}`"
-             f"{', ' + ', '.join(payload['extra']) if payload['extra'] else ''}), {payload['seeds']} seeds per row, "
-             f"2 processes, {payload['runs_total_s'] / 60:.0f} min of runs.{smoke}\n\n{payload['table']}\n\n"
-             f"{checks}\n{end}")
-    readme.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end):])
+    replace_block(marker, f"Measured with `{command}` (`{RECIPE.relative_to(ROOT)}`"
+                          f"{', ' + ', '.join(payload['extra']) if payload['extra'] else ''}), {payload['seeds']} seeds "
+                          f"per row, 2 processes, {payload['runs_total_s'] / 60:.0f} min of runs.{smoke}\n\n"
+                          f"{payload['table']}\n\n{checks}")
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import save
+from benchmarks.common import replace_block, save
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = {
@@ -101,7 +101,40 @@ def main() -> None:
           f"{w8['phase2_seconds']:.1f} s = {ratios['W8_phase2_over_slowest_worker']:.2f} x the slowest worker")
     zero = all(r["between_workers_calls"] == 0 for r in table.values())
     print(f"collectives between workers in phase 2: {'0 in every layout' if zero else 'NOT ZERO'}")
-    print(f"wrote {save('topology', {'recipe': RECIPE, 'layouts': table, 'ratios': ratios, 'between_zero': zero})}")
+    payload = {"recipe": RECIPE, "rounds": args.rounds, "layouts": table, "ratios": ratios, "between_zero": zero}
+    print(f"wrote {save('topology', payload)} and {replace_block('topology', render(payload))}")
+
+
+LAYOUTS = {"P=4 W=4": "P=4, W=4 (one worker per process)", "P=4 W=2": "P=4, W=2 (groups of 2)",
+           "P=4 W=1": "P=4, W=1 (one group of 4)", "P=2 W=8": "P=2, W=8 (4 per process, in turn)"}
+
+
+def render(payload: dict) -> str:
+    """The README's topology table and its reading, from this benchmark's own results."""
+    table, ratios = payload["layouts"], payload["ratios"]
+    lines = [f"Measured with `.venv/bin/python -m benchmarks.topology` (2-core CPU, tiny ResNet-9 on "
+             f"{RECIPE['data']['train_subset']} Fashion-MNIST images, {RECIPE['phase2']['epochs']} phase-2 epochs of "
+             f"batch {RECIPE['phase2']['per_worker_batch_size']}, medians of {payload['rounds']} alternating rounds; "
+             "`benchmarks/results/topology.json`):", "",
+             "| layout | phase-2 wall clock (s) | slowest worker (s) | steps per worker | collectives between workers "
+             "| in-group collectives (per step) | after averaging |", "|---|---|---|---|---|---|---|"]
+    for key, name in LAYOUTS.items():
+        row = table[key]
+        measured = " measured" if key == "P=2 W=8" else ""
+        in_group = (f"{row['in_group_calls']} ({row['in_group_calls_per_step']:.2f})" if row["in_group_calls"]
+                    else "0")
+        lines.append(f"| {name} | {row['phase2_seconds']:.1f}{measured} | {row['slowest_worker_seconds']:.1f} | "
+                     f"{row['steps_per_worker']} | **{row['between_workers_calls']}** | {in_group} | "
+                     f"{100 * row['after_averaging']:.2f} % |")
+    w8 = table["P=2 W=8"]["training_seconds"]
+    lines += ["", f"Phase-2 wall clock on the same 4 processes: W=2 takes **{ratios['W2_over_W4']:.2f}×** and W=1 "
+              f"**{ratios['W1_over_W4']:.2f}×** the time of W=4, because each worker's epoch is shared by its group. "
+              "In-group collectives are one gradient all-reduce per step per DDP bucket, plus per epoch the epoch's "
+              "loss/accuracy sum and the leader's BN statistics, plus the leader's one broadcast of the resume point. "
+              f"W=8 on 2 processes: {w8['measured']:.1f} s measured (equal hardware) against a parallel-equivalent "
+              f"{w8['parallel_equivalent']:.1f} s (phase 1 and 3 on the 2 processes, phase 2 as 8 workers on 8 devices); "
+              f"its phase 2 is {ratios['W8_phase2_over_slowest_worker']:.2f}× the slowest single worker (4 in turn)."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
