@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import yaml
 
 from .bn import recalibrate_bn_
 from .checkpoints import (
@@ -28,13 +28,13 @@ from .checkpoints import (
     write_text,
 )
 from .counting import CollectiveCounter
-from .data import load_data
+from .data import load_data, provenance_sets
 from .distributed import flat_state, load_flat_state_, make_accelerator
 from .evaluate import evaluate_local, evaluate_shared
 from .models import build_model
 from .recipe import Recipe, dump_recipe
 from .report import averaging_summary, print_table, run_header
-from .resume import ROOT, check_model
+from .resume import ROOT, check_data, check_model
 from .rundir import check_writable
 from .snapshots import CycleSamples, load_flat, model_name
 from .soup import greedy_phase3
@@ -62,6 +62,14 @@ def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]
             raise CheckpointError(f"{path} is a {manifest.get('kind')} checkpoint, not a phase-2 worker's; pass "
                                   f"{ROOT}/p2-w* directories or run directories")
         check_model(manifest, path, recipe)
+        # Phase 3 recomputes BN on the recipe's training images and a greedy soup scores its held-out ones: both must
+        # be the images every worker trained on, and none it did not (its manifest says which, wherever it lies).
+        check_data(manifest, path, recipe, trained_by="this worker",
+                   consequence="phase 3 would recompute its BN statistics on other images than it trained on",
+                   missing_fix="retrain its run with this version, or leave this worker out",
+                   mismatch_fix=lambda theirs, ours: (
+                       f"pass the workers' own recipe (their run's recipe.yaml) or {provenance_sets(theirs)}"))
+        _sampling(path, manifest)
         # Issue 9: a worker is (phase-1 origin, seed, worker index): worker 0 of two --from-phase1 runs with
         # different seeds are two workers. What must not enter twice is one checkpoint, under any path.
         same = seen.get(path.resolve()) or seen.get(manifest["files"]["model.safetensors"]["sha256"])
@@ -69,8 +77,6 @@ def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]
             raise CheckpointError(f"{path} and {same} are the same worker checkpoint; pass each worker once")
         seen[path.resolve()] = seen[manifest["files"]["model.safetensors"]["sha256"]] = path
         workers.append((path, manifest))
-    if recipe.phase3.selection == "greedy":
-        _check_held_out(workers, recipe)
     # Averaging only helps models that left one phase-1 solution together (paper section 3).
     origins = {m["phase1_params"] for _, m in workers if "phase1_params" in m}
     if len(origins) > 1:
@@ -79,20 +85,19 @@ def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]
     return workers
 
 
-def _check_held_out(workers: list[tuple[Path, dict]], recipe: Recipe) -> None:
-    """Greedy selection (issue 11) is honest only on images no worker trained on: a worker whose run recorded its
-    recipe must have held out the very images this recipe holds out."""
-    for path, _ in workers:
-        stored = path.parent.parent / "recipe.yaml"
-        if stored.is_file():
-            data = (yaml.safe_load(stored.read_text()) or {}).get("data", {})
-            theirs = (data.get("holdout_samples"), data.get("train_subset"))
-            if theirs != (recipe.data.holdout_samples, recipe.data.train_subset):
-                raise CheckpointError(
-                    f"{path} was trained with data.holdout_samples={theirs[0]}, train_subset={theirs[1]}, but "
-                    f"greedy selection would judge it on data.holdout_samples={recipe.data.holdout_samples}, "
-                    f"train_subset={recipe.data.train_subset}: pass its run's recipe, so that the held-out images "
-                    "are ones it never trained on")
+def _sampling(path: Path, manifest: dict) -> SimpleNamespace | None:
+    """The phase-2 settings that decide which samples a worker had taken (snapshots.CycleSamples reads epochs, lr.cycles
+    and samples_per_worker), as the worker's own run recorded them: not the --recipe's, which may differ. None for
+    a finished worker, whose manifest lists its samples."""
+    if manifest["kind"] == "phase2-end":
+        return None
+    recorded = manifest.get("sampling")
+    if not recorded:
+        raise CheckpointError(f"{path} does not record its run's phase-2 sampling settings (written by an older "
+                              "swap_accel), so which samples it had taken is unknown; average finished workers "
+                              "(p2-w*-end) instead, or retrain its run with this version")
+    return SimpleNamespace(epochs=recorded["epochs"], samples_per_worker=recorded["samples_per_worker"],
+                           lr=SimpleNamespace(cycles=recorded["cycles"]))
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -136,7 +141,7 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
         # The same sums of `flat_state` as train's phase 3 (workers.py): each worker's samples (issue 11) summed in
         # the order taken, the last being the checkpoint itself (already in `module`), then added to the total.
         own = None
-        for s, sample in enumerate([*_earlier_samples(path, manifest, recipe), path]):
+        for s, sample in enumerate([*_earlier_samples(path, manifest), path]):
             flat = flat_state(module) if sample == path else load_flat(sample, module, accelerator.device)
             own = flat.clone() if own is None else own.add_(flat)
             models.append(model_name(len(rows) - 1, s))  # workers numbered in the order given
@@ -191,14 +196,15 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     return results
 
 
-def _earlier_samples(path: Path, manifest: dict, recipe: Recipe) -> list[Path]:
+def _earlier_samples(path: Path, manifest: dict) -> list[Path]:
     """A worker's samples before the checkpoint `path` itself, verified (issue 11). A finished worker lists them (the
     ends of its last S LR cycles; the last, itself, wherever it has been moved). A worker that died in phase 2 (a
-    `p2-w<k>-step...` checkpoint) has the ones its recipe had taken by the checkpoint's epoch (snapshots.py)."""
-    if manifest["kind"] == "phase2-end" or recipe.phase2 is None:  # (a worker finished before issue 11: itself)
+    `p2-w<k>-step...` checkpoint) has the ones its own run's settings had taken by the checkpoint's epoch."""
+    sampling = _sampling(path, manifest)
+    if sampling is None:
         paths = [path.parent / name for name in manifest.get("samples", [path.name])[:-1]]
     else:
-        taken = CycleSamples(recipe.phase2, path.parent.parent, manifest["worker"])
+        taken = CycleSamples(sampling, path.parent.parent, manifest["worker"])
         paths = taken.dirs[: taken.taken_before(manifest["epoch"])]
     for sample in paths:
         verify_checkpoint(sample)

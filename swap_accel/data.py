@@ -324,13 +324,18 @@ def _fashion_mnist_cache(cfg: DataConfig) -> Path:
     return _build_once(cache_root(cfg) / f"fashion_mnist-{key}", lambda out: _convert_fashion_mnist(root, out))
 
 
-def _load_fashion_mnist(cfg: DataConfig, split_name: str) -> tuple[Tensor, Tensor, dict]:
+def _fashion_mnist_split(cfg: DataConfig, split_name: str) -> tuple[datasets.Dataset, Path]:
+    """(the split as a memory-mapped `datasets.Dataset`, the cache directory holding it)."""
     cache = _fashion_mnist_cache(cfg)
     splits = datasets.load_from_disk(str(cache))
     if split_name not in splits:
         raise DataError(f"Fashion-MNIST has no split {split_name!r} (splits: {', '.join(splits)}); "
                         f"set data.train_split/test_split to one of them")
-    ds = splits[split_name]
+    return splits[split_name], cache
+
+
+def _load_fashion_mnist(cfg: DataConfig, split_name: str) -> tuple[Tensor, Tensor, dict]:
+    ds, cache = _fashion_mnist_split(cfg, split_name)
     # Straight from Arrow storage: ~100x faster than the numpy formatter, which returns int64 copies.
     column = ds.data.column("image")
     images = np.concatenate([chunk.storage.flatten().flatten().to_numpy() for chunk in column.chunks])
@@ -489,6 +494,81 @@ def _indices(num_samples: int, cfg: DataConfig, split: str) -> Tensor | None:
     return (order[:train] if split == "train" else order[num_samples - held :]).sort().values
 
 
+# The length of the training split per data set, as load_data read it: provenance() needs it, and a second read of a
+# large hub or image-folder data set in the same process would cost seconds.
+_TRAIN_SPLIT_SIZES: dict[str, int] = {}
+
+
+def _train_split_key(cfg: DataConfig) -> str:
+    return _digest([cfg.source, cfg.name, cfg.root, cfg.train_split])
+
+
+def train_split_size(cfg: DataConfig) -> int:
+    """Images in cfg.train_split before any subset or hold-out; no image is decoded (the Fashion-MNIST cache's or the
+    HF split's row count), so the CLI can ask before any process group forms."""
+    key = _train_split_key(cfg)
+    if key not in _TRAIN_SPLIT_SIZES:
+        if cfg.source == "fashion_mnist":
+            _TRAIN_SPLIT_SIZES[key] = len(_fashion_mnist_split(cfg, cfg.train_split)[0])
+        else:
+            _TRAIN_SPLIT_SIZES[key] = len(_split(_load_hf(cfg), cfg.train_split, cfg))
+    return _TRAIN_SPLIT_SIZES[key]
+
+
+def provenance(cfg: DataConfig) -> dict:
+    """What a checkpoint records of the images it was trained on (checkpoint manifests, key "data").
+
+    `train_indices` is the sha256 of the training indices exactly as load_data(split="train") selects them (every
+    index of the split without subset or hold-out) and of the split's length. Two records with the same source, name,
+    split and digest trained on the same images; and since the hold-out is the other end of the same seed-0
+    permutation (`_indices`), a recipe whose training digest equals a checkpoint's holds out no image that checkpoint
+    trained on. A hub name identifies its data; a Fashion-MNIST or image-folder root is only where the data lies
+    (a moved copy is the same data), so it is not recorded.
+    """
+    total = train_split_size(cfg)
+    idx = _indices(total, cfg, "train")
+    idx = torch.arange(total) if idx is None else idx
+    digest = hashlib.sha256(f"{total}:".encode())
+    digest.update(idx.to(torch.int64).numpy().astype("<i8").tobytes())
+    return {"source": cfg.source, "name": cfg.name if cfg.source == "hub" else None, "split": cfg.train_split,
+            "split_samples": total, "train_subset": cfg.train_subset, "holdout_samples": cfg.holdout_samples,
+            "train_samples": len(idx), "train_indices": digest.hexdigest()}
+
+
+def _show(value: object) -> str:
+    return "null" if value is None else str(value)
+
+
+def describe_provenance(p: dict) -> str:
+    """One provenance record as a phrase for an error line."""
+    data = p["source"] + (f" {p['name']}" if p.get("name") else "")
+    return (f"{data} split {p['split']!r} with train_subset={_show(p['train_subset'])}, holdout_samples="
+            f"{_show(p['holdout_samples'])} ({p['train_samples']} of {p['split_samples']} images, indices sha256 "
+            f"{p['train_indices'][:12]})")
+
+
+def provenance_sets(p: dict) -> str:
+    """The overrides that give a recipe the subset and hold-out of record `p`."""
+    return (f"--set data.train_subset={_show(p['train_subset'])} "
+            f"--set data.holdout_samples={_show(p['holdout_samples'])}")
+
+
+def same_data_set(theirs: dict, ours: dict) -> bool:
+    return all(theirs.get(k) == ours.get(k) for k in ("source", "name", "split", "split_samples"))
+
+
+def same_training_images(theirs: dict, ours: dict) -> bool:
+    return same_data_set(theirs, ours) and theirs.get("train_indices") == ours.get("train_indices")
+
+
+def held_out_trained_on(theirs: dict, ours: dict) -> int:
+    """How many of `ours`'s held-out images `theirs` trained on. Both are slices of one seed-0 permutation of the same
+    split (`_indices`): training takes its first `train_samples`, the hold-out its last `holdout_samples`."""
+    if not ours.get("holdout_samples") or not same_data_set(theirs, ours):
+        return 0
+    return max(0, theirs["train_samples"] - (ours["split_samples"] - ours["holdout_samples"]))
+
+
 def _check_size(cfg: DataConfig, images: Tensor) -> None:
     # In-memory data trains at its native size; resizing belongs to the streaming path's transforms.
     if cfg.image_size is not None and images.shape[2:] != (cfg.image_size, cfg.image_size):
@@ -526,6 +606,8 @@ def load_data(cfg: DataConfig, device: torch.device, *, split: str) -> DataSourc
     split_name = cfg.test_split if split == "test" else cfg.train_split
     if cfg.source == "fashion_mnist":
         images, labels, stats = _load_fashion_mnist(cfg, split_name)
+        if split != "test":
+            _TRAIN_SPLIT_SIZES[_train_split_key(cfg)] = len(labels)
         idx = _indices(len(labels), cfg, split)
         if idx is not None:
             images, labels = images[idx], labels[idx]
@@ -536,6 +618,8 @@ def load_data(cfg: DataConfig, device: torch.device, *, split: str) -> DataSourc
     ds = _split(splits, split_name, cfg)
     image, label, names = _columns(ds, cfg)
     labels = _labels(ds, label, len(names), cfg)
+    if split != "test":
+        _TRAIN_SPLIT_SIZES[_train_split_key(cfg)] = len(ds)
     idx = _indices(len(ds), cfg, split)
     if idx is not None:
         ds, labels = ds.select(idx.tolist()), labels[idx]

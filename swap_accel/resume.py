@@ -22,11 +22,13 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .checkpoints import (
+    MANIFEST,
     CheckpointError,
     commit_checkpoint,
     load_state,
@@ -34,6 +36,14 @@ from .checkpoints import (
     save_weights,
     verify_checkpoint,
     write_state,
+)
+from .data import (
+    describe_provenance,
+    held_out_trained_on,
+    provenance,
+    provenance_sets,
+    same_data_set,
+    same_training_images,
 )
 from .distributed import barrier
 from .precision import LossScale
@@ -75,6 +85,15 @@ def phase1_source(path: Path, recipe: Recipe | None = None) -> Path:
         raise CheckpointError(f"--from-phase1 {path} is a {manifest.get('kind')} checkpoint, not a phase-1 one; pass "
                               f"a run directory or a {ROOT}/p1-* directory")
     check_model(manifest, path, recipe)
+    if recipe is not None:
+        # Phase 2 continues phase 1 on the same images (paper Algorithm 1), and phase 3's held-out images must be
+        # ones phase 1 never trained on: the recipe's training images must be the checkpoint's.
+        check_data(manifest, path, recipe, prefix="--from-phase1 ", trained_by="phase 1",
+                   consequence="phase 2 would train on other images than phase 1",
+                   missing_fix="train phase 1 again with this version (train RECIPE without --from-phase1)",
+                   mismatch_fix=lambda theirs, ours: (
+                       f"train phase 1 with this recipe's data (train RECIPE {provenance_sets(ours)}, without "
+                       f"--from-phase1) or give this recipe that phase 1's ({provenance_sets(theirs)})"))
     return path
 
 
@@ -83,6 +102,30 @@ def check_model(manifest: dict, path: Path, recipe: Recipe | None) -> None:
     if manifest["model"] != wanted:
         raise CheckpointError(f"{path} is a checkpoint of another model ({manifest['model']}, the recipe has "
                               f"{wanted}); use a checkpoint of this model or fix model.name/model.kwargs")
+
+
+def check_data(manifest: dict, path: Path, recipe: Recipe, *, prefix: str = "", trained_by: str, consequence: str,
+               missing_fix: str, mismatch_fix: Callable[[dict, dict], str]) -> None:
+    """Refuse to reuse checkpoint `path` under `recipe` unless it was trained on exactly the images the recipe trains
+    on (data.provenance), in one line naming both. `trained_by` and `consequence` word what training on other images
+    would do; `mismatch_fix(theirs, ours)` the way out."""
+    theirs, ours = manifest.get("data"), provenance(recipe.data)
+    if not isinstance(theirs, dict) or "train_indices" not in theirs:
+        raise CheckpointError(f"{prefix}{path} records no data provenance (written by an older swap_accel), so which "
+                              f"images {trained_by} trained on is unknown and held-out images may be among them; "
+                              f"{missing_fix}")
+    if same_training_images(theirs, ours):
+        return
+    if same_data_set(theirs, ours):
+        held = held_out_trained_on(theirs, ours)
+        problem = consequence + (f", and {held} of this recipe's {ours['holdout_samples']} held-out images are ones "
+                                 f"{trained_by} trained on" if held else "")
+        fix = mismatch_fix(theirs, ours)
+    else:
+        problem = f"{trained_by} trained on another data set or split"
+        fix = "use a checkpoint trained on this recipe's data, or set data.source/name/train_split to its"
+    raise CheckpointError(f"{prefix}{path} was trained on {describe_provenance(theirs)}, but this recipe trains on "
+                          f"{describe_provenance(ours)}: {problem}; {fix}")
 
 
 def _warn(msg: str) -> None:
@@ -195,8 +238,18 @@ class Checkpointer:
     def __init__(self, run_dir: Path, recipe: Recipe, accelerator) -> None:
         self.root, self.cfg, self.accelerator = run_dir / ROOT, recipe.checkpoint, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.meta = {"num_processes": self.world, "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs}}
+        # Every manifest says which images its weights were trained on (data.provenance), so a run that reuses it
+        # (--from-phase1, average, transition) can refuse other data, and how the worker takes its samples
+        # (snapshots.CycleSamples), so `average` finds a dead worker's samples without its run's recipe.
+        sampling = recipe.phase2 and {"epochs": recipe.phase2.epochs, "cycles": recipe.phase2.lr.cycles,
+                                      "samples_per_worker": recipe.phase2.samples_per_worker}
+        self.meta = {"num_processes": self.world, "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs},
+                     "data": provenance(recipe.data), "sampling": sampling}
         self.last_good: Path | None = None
+        # Checkpoints committed by an earlier launch of this run. Listed here, before this launch trains a step, so
+        # that every process agrees which ones it may reach again (`_save_once`) however its view of the shared
+        # directory lags.
+        self._committed_before = frozenset(p.parent.name for p in self.root.glob(f"*/{MANIFEST}"))
         self._time_steps = sys.maxsize
         self.begin(0, by_clock=False)
 
@@ -286,21 +339,27 @@ class Checkpointer:
         self._mark(result.steps)
 
     def save_transition_point(self, module, result, tau: float) -> None:
-        """`p1-tau<τ>`: phase 1 as a run with this τ would end it (issue 12), kept once and by rank 0, as p1-end
-        is; `--from-phase1` takes it. A resumed phase 1 that crossed τ before the kill does not write it again."""
-        if self.rank == 0:
-            self._save_once(module, f"p1-tau{tau:g}", "phase1-end", result.steps,
-                            {"tau": tau, "result": {**dataclasses.asdict(result), "reached_tau": True}})
+        """`p1-tau<τ>`: phase 1 as a run with this τ would end it, kept once and by rank 0, as p1-end is;
+        `--from-phase1` takes it. Every rank calls it at the end of the epoch that first reaches τ."""
+        self._save_once(module, f"p1-tau{tau:g}", "phase1-end", result.steps,
+                        {"tau": tau, "result": {**dataclasses.asdict(result), "reached_tau": True}},
+                        writer=self.rank == 0)
 
-    def save_sample(self, module, name: str, step: int, info: dict) -> None:
-        """`p2-w<k>-sample<s>` (issue 11, snapshots.py): a worker's model at the end of a sampled cycle."""
-        self._save_once(module, name, "phase2-sample", step, info)
+    def save_sample(self, module, name: str, step: int, info: dict, *, writer: bool) -> None:
+        """`p2-w<k>-sample<s>` (snapshots.py): a worker's model at the end of a sampled cycle. Every member of the
+        worker's group calls it; its leader (`writer`) writes."""
+        self._save_once(module, name, "phase2-sample", step, info, writer=writer)
 
-    def _save_once(self, module, name: str, kind: str, step: int, info: dict) -> None:
-        """A weights-only checkpoint a run may reach again after a resume, with the same weights (the resume is
-        exact): a committed copy is kept, not rewritten. Not `save_end`: no fallback for the run, so `last_good`
-        stays what it was."""
-        if not (self.root / name / "manifest.json").exists():  # the manifest is committed with the directory
+    def _save_once(self, module, name: str, kind: str, step: int, info: dict, *, writer: bool) -> None:
+        """A weights-only checkpoint that a resumed run may reach again. The copy an earlier launch committed is the
+        one `--from-phase1`, `average` and the greedy soup read, so the run continues from that copy (every process
+        holding the model loads it) rather than from its recomputation: equal bit for bit on CPU, not on GPUs, whose
+        kernels need not be deterministic. Not `save_end`: no fallback for the run, so `last_good` stays."""
+        path = self.root / name
+        if name in self._committed_before:
+            verify_checkpoint(path)
+            load_weights_into(module, path)
+        elif writer:
             self._save_weights_only(module, name, kind, step, info)
 
     def save_end(self, module, name: str, kind: str, step: int, info: dict) -> Path:

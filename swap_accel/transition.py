@@ -26,8 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .checkpoints import write_json
-from .recipe import RecipeError, load_recipe
+from .checkpoints import verify_checkpoint, write_json
+from .recipe import Recipe, RecipeError, load_recipe
+from .resume import ROOT, check_data, check_model
 from .rundir import recipe_difference
 from .transition_plot import save as save_plot
 
@@ -75,6 +76,8 @@ def _launch(recipe_path: Path, overrides: list[str], out: Path, num_processes: i
         if diff is None and finished["num_processes"] != num_processes:  # its times would not compare
             diff = f"num_processes: {finished['num_processes']} -> {num_processes}"
         if diff is None:
+            if (out / ROOT / "p1-end").exists():
+                check_phase1(out / ROOT / "p1-end", wanted)
             print(f"[transition] {label}: reusing the finished run in {out}", flush=True)
             return finished
         raise TransitionError(f"{out} holds a finished run of other settings ({diff}); pass --overwrite to start "
@@ -90,6 +93,18 @@ def _launch(recipe_path: Path, overrides: list[str], out: Path, num_processes: i
         raise TransitionError(f"the run for {label} failed (exit {done.returncode}, its output is above); finished "
                               "runs are kept: rerun the same command to resume")
     return json.loads((out / "results.json").read_text())
+
+
+def check_phase1(checkpoint: Path, recipe: Recipe) -> None:
+    """Before a candidate's phase 2 starts from `checkpoint` (a p1-tau<τ> of the search's phase-1 run), or a finished
+    run is reused: it is this search's model, trained on exactly the recipe's training images, so τ is chosen on
+    held-out images no candidate trained on (the search's whole point). Checked here, before any launch."""
+    manifest = verify_checkpoint(checkpoint)
+    check_model(manifest, checkpoint, recipe)
+    check_data(manifest, checkpoint, recipe, trained_by="phase 1",
+               consequence="a candidate's phase 2 would train on other images than its phase 1",
+               missing_fix="pass --overwrite to run the search again with this version",
+               mismatch_fix=lambda theirs, ours: "pass --overwrite to run the search again with these settings")
 
 
 def _row(tau: float, results: dict, manifest: dict, run_dir: Path) -> dict:
@@ -149,9 +164,11 @@ def run(recipe_path: Path, overrides: list[str], candidates: list[float], out: P
             skipped.append({"tau": tau, "why": f"reached in the same epoch as tau={by_step[step]['tau']:g}"})
             continue
         run_dir = candidate_dir(out, tau)
-        results = main if tau == top else _launch(
-            recipe_path, [*common, f"phase1.stop_train_accuracy={tau}", f"from_phase1={checkpoint}"], run_dir,
-            num_processes, config_file, f"phase 2 from tau={tau:g}")
+        if tau != top:
+            overrides_tau = [*common, f"phase1.stop_train_accuracy={tau}", f"from_phase1={checkpoint}"]
+            check_phase1(checkpoint, load_recipe(recipe_path, overrides_tau))
+        results = main if tau == top else _launch(recipe_path, overrides_tau, run_dir, num_processes, config_file,
+                                                  f"phase 2 from tau={tau:g}")
         by_step[step] = _row(tau, results, manifest, run_dir)
         rows.append(by_step[step])
     rows.sort(key=lambda r: r["tau"])
