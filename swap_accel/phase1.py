@@ -179,7 +179,9 @@ def train_phase1(
         result.history.append(row)
         # Issue 12's transition search: the weights phase 2 would start from, had τ been each candidate crossed.
         # Off the clock like monitoring: writing them is the search's cost, not phase 1's for a higher τ.
-        reached = [c for c in cfg.save_at_train_accuracy if result.train_acc >= c]
+        # Only at the epoch that first reaches each candidate (the history holds the epochs before, resumed ones too).
+        reached = [c for c in cfg.save_at_train_accuracy
+                   if result.train_acc >= c and all(h["train_acc"] < c for h in result.history[:-1])]
         if reached:
             result.seconds, result.loss_scale = time.perf_counter() - start, loss_scale.summary()
             saving = time.perf_counter()

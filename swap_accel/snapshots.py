@@ -65,12 +65,16 @@ class CycleSamples:
     def take(self, module: torch.nn.Module, epoch: int, ckpt, step: int) -> None:
         """At the end of every epoch: a sample if the epoch ends a sampled cycle."""
         index = self.index_after(epoch)
-        if index is None or not self.leader:
+        if index is None:
             return
-        flat = flat_state(module)
-        self.sum = flat if self.sum is None else self.sum.add_(flat)
         if index < len(self.dirs) - 1:  # the last sample is the end of phase 2, which workers.py checkpoints
-            ckpt.save_sample(module, self.dirs[index].name, step, {"sample": index, "epoch": epoch + 1})
+            # Written by the leader; a copy an earlier launch committed is loaded by every member instead, and the
+            # sum and the rest of phase 2 continue from it (Checkpointer._save_once).
+            ckpt.save_sample(module, self.dirs[index].name, step, {"sample": index, "epoch": epoch + 1},
+                             writer=self.leader)
+        if self.leader:
+            flat = flat_state(module)
+            self.sum = flat if self.sum is None else self.sum.add_(flat)
 
     @torch.no_grad()
     def restore(self, epoch: int, module: torch.nn.Module, device) -> None:

@@ -248,3 +248,47 @@ def test_from_phase1_reuses_another_runs_phase1(reference, tmp_path, data_cache)
     assert r["collectives"]["phase1"]["calls"] == 0 and r["phase1"]["steps"] == ref["phase1"]["steps"]
     assert r["resumed_from"]["phase1_end"] == str(reference / "checkpoints" / "p1-end")
     assert tensors_equal(out / "model.safetensors", reference / "model.safetensors") == []
+
+
+def test_a_resumed_worker_continues_from_the_sample_it_committed(reference, tmp_path, data_cache):
+    """A worker resumed from a checkpoint before a sample it had already committed reaches that sample again. The
+    committed copy is what `average` and the greedy soup read, so the resumed run continues from it, not from its
+    recomputation (equal on CPU, not on a GPU). Here the committed copy is made to differ (every weight + 0.01, a
+    valid checkpoint): the rerun's sum and the rest of the worker's phase 2 must follow the file. One worker on one
+    process, phase 1 taken from the reference run."""
+    from swap_accel.checkpoints import commit_checkpoint, load_weights
+
+    recipe = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 21}, **SAMPLED)
+    out, args = tmp_path / "run", ("--from-phase1", str(reference), "--set", "tracking.eval_every=0")
+    first = launch(1, recipe, out, *args, env=ENV)
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = out / "checkpoints"
+    before = load_file(out / "workers" / "worker0.safetensors")
+    # As if killed after writing the worker's first sample, before its next checkpoint: it resumes at step 21.
+    for stale in [*root.glob("p2-w*-end"), *root.glob("p2-w*-step00000042"), out / "results.json"]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    sample = root / "p2-w0-sample0"
+    manifest = json.loads((sample / "manifest.json").read_text())
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({n: t + 0.01 if t.is_floating_point() else t for n, t in load_weights(sample / "model.safetensors").items()},
+              str(staging / "model.safetensors"))
+    commit_checkpoint(staging, sample, ["model.safetensors"],
+                      {k: v for k, v in manifest.items() if k not in ("format", "files")})
+
+    rerun = launch(1, recipe, out, *args, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = load_file(out / "workers" / "worker0.safetensors")
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the worker went on from the file
+    resumed = json.loads((out / "results.json").read_text())["resumed_from"]["workers"]["0"]["step"]
+    assert resumed.endswith("p2-w0-step00000021"), resumed
+    # Phase 3 averaged the files on disk: the perturbed sample and the end the worker reached from it.
+    names = ["p2-w0-sample0", "p2-w0-end"]
+    samples = [load_file(root / n / "model.safetensors") for n in names]
+    final = load_file(out / "model.safetensors")
+    for name, value in final.items():
+        if value.dtype.is_floating_point and "running" not in name:
+            mean = torch.stack([s[name].double() for s in samples]).mean(0)
+            torch.testing.assert_close(value.double(), mean, rtol=1e-6, atol=1e-7)
