@@ -25,6 +25,14 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 # Where the two sums live in phase 1's per-epoch `totals`: [loss, correct, count, seconds, local², global²].
 SLOTS = slice(4, 6)
+# What B_simple is here, carried by every estimate (results.json, transition.json) so that no number is read as more.
+# Both norms are of the loss gradient DDP reduces: SGD adds weight decay (wd·θ) in its step, after both are taken,
+# so |G|² is not the gradient of the regularised objective SGD descends (G + wd·θ). And with BatchNorm in training
+# mode a sample's gradient depends on the rest of its (micro-)batch through the batch statistics: the B_small and
+# B_big gradients are of BN-coupled batches, not sums of independent per-sample gradients, which the estimator's
+# E|g_B|² = |G|² + tr(Σ)/B assumes.
+SCOPE = ("loss gradient only: excludes weight decay (wd·θ, added by SGD's step); BatchNorm couples the samples of a "
+         "batch through its statistics, so Σ is not an independent per-sample covariance")
 
 
 def estimate(small_sq: float, big_sq: float, b_small: int, b_big: int) -> dict:
@@ -32,7 +40,9 @@ def estimate(small_sq: float, big_sq: float, b_small: int, b_big: int) -> dict:
     g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
     trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
     # |G|² can come out <= 0 when noise dominates an epoch's few steps: B_simple is then undefined, not huge.
-    return {"grad_sq": g2, "trace_cov": trace, "b_simple": trace / g2 if g2 > 0 else None}
+    return {"grad_sq": g2, "trace_cov": trace, "b_simple": trace / g2 if g2 > 0 else None, "scope": SCOPE,
+            # The measured inputs, so the estimate can be checked from what was measured.
+            "small_sq": small_sq, "big_sq": big_sq, "b_small": b_small, "b_big": b_big}
 
 
 class GradientNoise:
