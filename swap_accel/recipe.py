@@ -98,9 +98,17 @@ class LRConfig(Strict):
     schedule_epochs: float | None = Field(None, gt=0)
     start_epoch: float = Field(0.0, ge=0)
     shape: Literal["linear", "cosine", "constant"] = "linear"
-    # Issue 11: the phase's epochs cut into this many equal cycles, each the whole schedule again (warm-up, then
-    # decay to zero at its end): SWA's cyclic learning rate (Izmailov et al. 2018; paper section 5.3, Figure 6).
+    # The phase's epochs cut into this many equal cycles; phase 2 samples at the ends of the last ones
+    # (samples_per_worker; paper section 5.3, Figure 6). Phase 2 only.
     cycles: PositiveInt = 1
+    # How phase 2's learning rate runs through its cycles (phase 2 only; unset: swa for mode: swa, restart otherwise).
+    # swa: Izmailov et al. 2018's SWA schedule: from `peak` (their α1) down to `swa_lr` (α2 > 0) over the first
+    # cycle (after the warm-up, if any), then constant at swa_lr, never warmed up again; the samples are the ends of
+    # the last cycles of the constant part. restart: every cycle is the whole schedule again, warm-up to `peak` and
+    # decay to zero, re-warming each time (closer to snapshot ensembles than to SWA); SWAP's phase 2 as it always was.
+    cycle_shape: Literal["swa", "restart"] | None = None
+    # α2 of cycle_shape swa; unset: half of `peak` (Izmailov et al.'s CIFAR ResNets: α1 0.1, α2 0.05).
+    swa_lr: float | None = Field(None, gt=0)
 
 
 class Phase1Config(Strict):
@@ -250,9 +258,18 @@ class Recipe(Strict):
             if self.phase2.workers not in (None, 1):
                 raise ValueError(f"mode 'swa' trains one model (phase2.workers={self.phase2.workers}); set "
                                  "phase2.workers=1, or use mode: swap for several workers")
+        if self.phase2 is not None and self.phase2.workers is not None and self.phase2.workers < 1:
+            raise ValueError(f"phase2.workers={self.phase2.workers} trains no worker; leave it unset for one worker "
+                             "per process, or set 1 or more")
         if self.phase1.lr.cycles > 1:
             raise ValueError("phase1.lr.cycles: cyclic learning rates are phase 2's (its samples, issue 11); phase 1 "
                              "stops at τ; remove it, or use mode: swa for cyclic samples of one model")
+        for key in ("cycle_shape", "swa_lr"):
+            if getattr(self.phase1.lr, key) is not None:
+                raise ValueError(f"phase1.lr.{key} shapes phase 2's learning-rate cycles; remove it from phase1, or "
+                                 f"set phase2.lr.{key}")
+        if self.phase2 is not None:
+            self._resolve_cycle_shape(self.phase2.lr)
         if self.phase2_runs and self.phase2.samples_per_worker > self.phase2.lr.cycles:
             samples, cycles = self.phase2.samples_per_worker, self.phase2.lr.cycles
             raise ValueError(f"phase2.samples_per_worker={samples} takes one model at the end of each of the last "
@@ -283,6 +300,23 @@ class Recipe(Strict):
                     f"lr.schedule_epochs ({length}); lengthen the schedule or train fewer epochs"
                 )
         return self
+
+    def _resolve_cycle_shape(self, lr: LRConfig) -> None:
+        """Fill phase 2's cycle shape and α2 into the resolved recipe (recipe.yaml and results.json then say which
+        schedule ran). mode: swa follows the SWA paper unless told otherwise; every other mode keeps restart, so
+        SWAP's phase 2 (the quickstart's pinned results) is bitwise what it was before the choice existed."""
+        if lr.cycle_shape is None:
+            lr.cycle_shape = "swa" if self.mode == "swa" else "restart"
+        if lr.cycle_shape == "restart" and lr.swa_lr is not None:
+            raise ValueError(f"phase2.lr.swa_lr={lr.swa_lr} is the constant rate of cycle_shape swa, but "
+                             "phase2.lr.cycle_shape=restart decays every cycle to zero; remove swa_lr, or set "
+                             "phase2.lr.cycle_shape=swa")
+        if lr.cycle_shape == "swa":
+            if lr.swa_lr is None:
+                lr.swa_lr = lr.peak / 2
+            if lr.swa_lr > lr.peak:
+                raise ValueError(f"phase2.lr.swa_lr={lr.swa_lr} exceeds phase2.lr.peak={lr.peak}: SWA decays from "
+                                 "the peak α1 to α2 <= α1 (Izmailov et al. 2018); lower swa_lr or raise peak")
 
     @property
     def phase2_runs(self) -> bool:
@@ -331,6 +365,31 @@ class Recipe(Strict):
             raise RecipeError(f"tracking.averaged_curve={self.tracking.averaged_curve} needs every worker at once, but "
                               f"{workers} workers on {num_processes} processes train in turn; use averaged_curve: end")
         return layout
+
+    def layout_notes(self, num_processes: int) -> list[str]:
+        """What phase 2's layout on this process count means that the recipe does not say, one line each, for the
+        CLI to print before training: a SWAP run whose phase 3 would average a single model (what a bare
+        `accelerate launch -m swap_accel train` gives, one process), and workers trained in turn. Any W that fits P
+        runs correctly, so neither is refused: its cost, W/P times one worker's phase 2 and two weight files per
+        worker, grows linearly and is the user's call, made at start-up instead of hours later."""
+        if self.mode != "swap":
+            return []  # SWA trains one model by design; the SGD baselines have no phase 2
+        layout, notes = self.worker_layout(num_processes), []
+        if layout.workers == 1:
+            fix = ("launch more processes (accelerate launch --config_file accelerate_config.yaml, or --num_processes "
+                   "N) or set phase2.workers=N to train N workers in turn" if self.phase2.workers is None
+                   else "set phase2.workers to 2 or more")
+            unset = ", phase2.workers unset" if self.phase2.workers is None else ""
+            processes = f"{num_processes} process{'es' if num_processes > 1 else ''}"
+            notes.append(f"note: phase 2 has a single worker ({processes}{unset}), so phase 3 "
+                         f"averages one model and this is large batch then small batch, not SWAP; {fix}")
+        if layout.workers_per_process > 1:
+            k = layout.workers_per_process
+            notes.append(f"note: phase2.workers={layout.workers} on {num_processes} process(es): each process trains "
+                         f"{k} workers one after another, so phase 2 takes {k} times one worker's time and the run "
+                         f"writes 2 weight files per worker; launch more processes or lower phase2.workers if that "
+                         "is not meant")
+        return notes
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -2,8 +2,10 @@
 
 Phase 1 warms up linearly to its peak and decays toward zero over `max_epochs`; stopping early at
 τ leaves the decay unfinished, as in the paper. Phase 2 starts at its own (lower) peak and decays
-to zero over its epochs. `start_epoch` enters a schedule part-way (ImageNet, paper section 5.2). `cycles`
-repeats the whole schedule in equal cycles: SWA's cyclic learning rate (issue 11, paper Figure 6).
+to zero over its epochs. `start_epoch` enters a schedule part-way (ImageNet, paper section 5.2). `cycles` cuts
+phase 2 into equal cycles whose ends are its samples (paper section 5.3, Figure 6), run as `cycle_shape` says: `swa`,
+Izmailov et al. 2018's decay from α1 (`peak`) to a constant α2 (`swa_lr`) > 0 over the first cycle, never warmed up
+again; or `restart`, every cycle the whole schedule again (re-warming, closer to snapshot ensembles).
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ from collections.abc import Callable
 from .recipe import LRConfig
 
 
-def lr_at_epoch(epoch: float, *, peak: float, warmup_epochs: float, total_epochs: float, shape: str) -> float:
-    """Learning rate at a (fractional) epoch of a warm-up-then-decay schedule of `total_epochs`."""
+def lr_at_epoch(epoch: float, *, peak: float, warmup_epochs: float, total_epochs: float, shape: str,
+                end: float = 0.0) -> float:
+    """Learning rate at a (fractional) epoch of a warm-up-then-decay schedule of `total_epochs`, decaying from `peak`
+    to `end` (SWA's α2; 0: to zero)."""
     if warmup_epochs > 0 and epoch < warmup_epochs:
         return peak * epoch / warmup_epochs
     decay_epochs = total_epochs - warmup_epochs
     progress = min(1.0, (epoch - warmup_epochs) / decay_epochs) if decay_epochs > 0 else 1.0
     if shape == "constant":  # SWA-style (Izmailov et al. 2018): workers keep exploring, the average denoises
         return peak
+    if end:  # SWA's decay to α2 > 0, the same shape between the two (end = 0 keeps the expressions below bitwise)
+        fraction = 0.5 * (1.0 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
+        return end + (peak - end) * fraction
     if shape == "cosine":
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak * (1.0 - progress)
@@ -35,6 +42,10 @@ def make_schedule(cfg: LRConfig, *, epochs: int, steps_per_epoch: int) -> Callab
     """
     total = cfg.schedule_epochs or epochs
     cycle_epochs = total / cfg.cycles  # the recipe checks that cycles cut the epochs into whole-epoch cycles
+    if cfg.cycle_shape == "swa":
+        if cfg.swa_lr is None:
+            raise ValueError("cycle_shape swa needs swa_lr (α2); a recipe fills it in, a bare LRConfig must set it")
+        return _swa_schedule(cfg, cycle_epochs, steps_per_epoch)
 
     def lr_at(step: int) -> float:
         epoch = cfg.start_epoch + (step + 0.5) / steps_per_epoch
@@ -44,3 +55,35 @@ def make_schedule(cfg: LRConfig, *, epochs: int, steps_per_epoch: int) -> Callab
                            shape=cfg.shape)
 
     return lr_at
+
+
+def _swa_schedule(cfg: LRConfig, decay_epochs: float, steps_per_epoch: int) -> Callable[[int], float]:
+    """Izmailov et al. 2018 (their CIFAR experiments' schedule; our cycles space the samples): warm-up (if any) and
+    decay from α1 = peak to α2 = swa_lr over the first cycle, then α2 to the end. No cycle warms up again and the LR
+    never reaches zero, so the samples at the cycle ends are iterates of one constant-LR SGD run, not re-converged
+    snapshots."""
+
+    def lr_at(step: int) -> float:
+        epoch = cfg.start_epoch + (step + 0.5) / steps_per_epoch
+        if epoch >= decay_epochs:
+            return cfg.swa_lr
+        return lr_at_epoch(epoch, peak=cfg.peak, warmup_epochs=cfg.warmup_epochs, total_epochs=decay_epochs,
+                           shape=cfg.shape, end=cfg.swa_lr)
+
+    return lr_at
+
+
+def describe(cfg: LRConfig, epochs: int) -> str:
+    """One line naming the schedule a phase of `epochs` epochs runs (benchmarks/table4.py's schedule column)."""
+    def count(n: float) -> str:
+        return f"{n:g} epoch{'' if n == 1 else 's'}"
+
+    cycle = epochs // cfg.cycles
+    warmup = f"warm-up {count(cfg.warmup_epochs)}, " if cfg.warmup_epochs else ""
+    warmup += "" if cfg.shape == "linear" else f"{cfg.shape} "
+    if cfg.cycle_shape == "swa":
+        return (f"swa: {warmup}{cfg.peak:g} → {cfg.swa_lr:g} over {count(cycle)}, then {cfg.swa_lr:g}"
+                + (f" ({cfg.cycles} cycles of {count(cycle)})" if cfg.cycles > 1 else ""))
+    if cfg.cycles == 1:
+        return f"{warmup}{cfg.peak:g} → 0 over {count(epochs)}"
+    return f"restart: {cfg.cycles} cycles of {count(cycle)}, each {warmup}{cfg.peak:g} → 0"

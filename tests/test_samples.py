@@ -6,6 +6,7 @@ against an independent computation and `average` over samples are in test_resume
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -56,6 +57,62 @@ def test_sampling_settings_that_cannot_work_are_one_line(sets, message):
     assert message in str(err.value) and "\n" not in str(err.value) and "{" not in str(err.value)
 
 
+def test_swa_cycle_shape_decays_once_to_a_constant_alpha2_and_never_rewarms():
+    """Izmailov et al. 2018: from α1 down to α2 > 0 (here over the first of 4 one-epoch cycles, after a half-epoch
+    warm-up), then α2 to the end; no later cycle warms up or rises again."""
+    steps = 10
+    lr_at = make_schedule(LRConfig(peak=0.1, warmup_epochs=0.5, cycles=4, cycle_shape="swa", swa_lr=0.02), epochs=4,
+                          steps_per_epoch=steps)
+    lrs = [lr_at(s) for s in range(4 * steps)]
+    assert lrs[:5] == pytest.approx([0.1 * (s + 0.5) / 5 for s in range(5)])  # the only warm-up: phase 2's start
+    # Then linear from α1 to α2 over the rest of the first cycle, at each step's mid-point epoch.
+    assert lrs[5:10] == pytest.approx([0.02 + 0.08 * (1 - ((s + 0.5) / steps - 0.5) / 0.5) for s in range(5, 10)])
+    assert lrs[10:] == [0.02] * 30  # constant α2 exactly: the sampled cycles are one constant-LR SGD run
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:], strict=False)) and min(lrs[5:]) == 0.02 > 0
+    cosine = make_schedule(LRConfig(peak=0.1, cycles=2, cycle_shape="swa", swa_lr=0.02, shape="cosine"), epochs=2,
+                           steps_per_epoch=steps)
+    assert cosine(0) == pytest.approx(0.02 + 0.08 * 0.5 * (1 + math.cos(math.pi * 0.05))) and cosine(10) == 0.02
+
+
+def test_restart_cycle_shape_is_the_schedule_swap_always_ran_bit_for_bit():
+    for cycles in (1, 2):
+        old = make_schedule(LRConfig(peak=0.1, warmup_epochs=0.5, cycles=cycles), epochs=4, steps_per_epoch=7)
+        new = make_schedule(LRConfig(peak=0.1, warmup_epochs=0.5, cycles=cycles, cycle_shape="restart"), epochs=4,
+                            steps_per_epoch=7)
+        assert [new(s) for s in range(28)] == [old(s) for s in range(28)]
+    # The quickstart's phase 2 resolves to restart: one linear decay from 0.1 to zero, the formula it always had.
+    recipe = load_recipe(ROOT / "recipes" / "fashion_mnist.yaml")
+    assert (recipe.phase2.lr.cycle_shape, recipe.phase2.lr.swa_lr) == ("restart", None)
+    lr_at = make_schedule(recipe.phase2.lr, epochs=2, steps_per_epoch=469)
+    assert [lr_at(s) for s in range(938)] == [0.1 * (1.0 - min(1.0, (s + 0.5) / 469 / 2)) for s in range(938)]
+
+
+def test_mode_swa_defaults_to_the_swa_papers_schedule_and_takes_restart_when_asked():
+    quickstart = ROOT / "recipes" / "fashion_mnist.yaml"
+    swa = ["mode=swa", "phase2.epochs=4", "phase2.lr.cycles=4", "phase2.samples_per_worker=4"]
+    recipe = load_recipe(quickstart, swa)
+    assert (recipe.phase2.lr.cycle_shape, recipe.phase2.lr.swa_lr) == ("swa", 0.05)  # α2 = α1 / 2 by default
+    assert load_recipe(quickstart, [*swa, "phase2.lr.swa_lr=0.01"]).phase2.lr.swa_lr == 0.01
+    restart = load_recipe(quickstart, [*swa, "phase2.lr.cycle_shape=restart"])
+    assert (restart.phase2.lr.cycle_shape, restart.phase2.lr.swa_lr) == ("restart", None)
+    swap = load_recipe(quickstart, ["phase2.lr.cycle_shape=swa"])  # SWAP's workers may ask for it
+    assert (swap.phase2.lr.cycle_shape, swap.phase2.lr.swa_lr) == ("swa", 0.05)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["phase2.lr.swa_lr=0.01"], "phase2.lr.swa_lr=0.01 is the constant rate of cycle_shape swa, but "
+                                "phase2.lr.cycle_shape=restart decays every cycle to zero"),
+    (["mode=swa", "phase2.lr.swa_lr=0.2"], "phase2.lr.swa_lr=0.2 exceeds phase2.lr.peak=0.1"),
+    (["phase1.lr.cycle_shape=swa"], "phase1.lr.cycle_shape shapes phase 2's learning-rate cycles"),
+    (["phase2.lr.cycle_shape=sawtooth"], "phase2.lr.cycle_shape: Input should be 'swa' or 'restart'"),
+    (["mode=swa", "phase2.lr.swa_lr=0"], "phase2.lr.swa_lr: Input should be greater than 0"),
+])
+def test_cycle_shape_settings_that_cannot_work_are_one_line(sets, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(ROOT / "recipes" / "fashion_mnist.yaml", sets)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_sgd_baselines_ignore_sampling_settings_they_do_not_read():
     load_recipe(ROOT / "recipes" / "fashion_mnist.yaml", ["mode=sgd", "phase2.samples_per_worker=2"])
 
@@ -73,6 +130,10 @@ def test_swa_is_one_data_parallel_model_whose_cycle_end_samples_phase3_averages(
     r = json.loads((out / "results.json").read_text())
     assert r["mode"] == "swa" and r["phase1"]["epochs"] == 2 and not r["phase1"]["reached_tau"]
     assert [w["index"] for w in r["workers"]] == [0] and r["phase2"]["processes_per_worker"] == 2
+    # mode: swa runs the SWA paper's schedule unless told otherwise: α1 = 0.05 down to α2 = 0.025 over the first
+    # cycle, then α2 (each epoch's row holds the LR of its last step; 21 steps per epoch).
+    assert r["recipe"]["phase2"]["lr"]["cycle_shape"] == "swa"
+    assert [h["lr"] for h in r["phase2"]["history"]] == pytest.approx([0.025 + 0.025 * 0.5 / 21, 0.025])
     # P = 2, W = 1 (issue 9): one group of both processes is plain data-parallel small batch. Its members end
     # bitwise equal; gradients are all-reduced inside the group (here: everyone), none "between workers": one per
     # step (one DDP bucket), two per epoch (epoch sums, the leader's BN buffers), one for the resume decision.
