@@ -102,16 +102,26 @@ def train(
     debug: Debug = False,
 ) -> None:
     """Train a recipe, or resume it: re-running the same command continues from its newest good checkpoint.
-    Launch with `accelerate launch [options] -m swap_accel train RECIPE`."""
+    Launch with `accelerate launch --config_file accelerate_config.yaml -m swap_accel train RECIPE` (or
+    --num_processes N): without a config accelerate starts one process, so phase 2 has one worker unless
+    phase2.workers says more."""
     try:
         from .distributed import launched_world_size
         from .train import train as run
 
         extra = [f"from_phase1={from_phase1}"] if from_phase1 else []
         parsed, run_dir = preflight(recipe, [*(overrides or []), *extra], launched_world_size(), out, overwrite)
+        _say_layout(parsed, launched_world_size())
         run(parsed, run_dir, fresh=overwrite)
     except _known_errors() as e:
         _fail(str(e), debug)
+
+
+def _say_layout(recipe, num_processes: int) -> None:
+    """Phase 2's layout notes (a single worker, workers in turn), once, before any process group forms."""
+    if os.environ.get("RANK", "0") == "0":
+        for note in recipe.layout_notes(num_processes):
+            print(note, file=sys.stderr, flush=True)
 
 
 @app.command()
@@ -128,6 +138,7 @@ def validate(
         parsed, run_dir = preflight(recipe, overrides, num_processes, None, overwrite=True)
     except _known_errors() as e:
         _fail(str(e), debug)
+    _say_layout(parsed, num_processes)
     print(dump_recipe(parsed), end="")
     print(f"# ok: valid for {num_processes} process(es); run directory {run_dir}")
 
@@ -199,6 +210,11 @@ def export(
     try:
         from .export import export as run
 
+        # A file where the folder (or one of its parents) should be: one line, not save_for_hf's NotADirectoryError.
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise FileExistsError(f"{blocker} is a file, not a folder; pass a folder to export into, e.g. "
+                                  f"hub/{run_dir.resolve().name}")
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise FileExistsError(f"{out} is not empty; pass --overwrite or choose another folder")
         run(run_dir, out, push)
@@ -319,7 +335,12 @@ def models(pattern: Annotated[str, typer.Argument(help="Wildcard filter, e.g. 'r
 
     import swap_accel  # noqa: F401  (registers resnet9)
 
-    for name in timm.list_models(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"):
+    names = timm.list_models(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")
+    if not names:  # an empty list with exit 0 reads as success; say so, as grep does with its exit status
+        print(f"no timm model name matches {pattern!r}; try a wider pattern such as 'resnet*', or none to list all",
+              file=sys.stderr)
+        raise typer.Exit(1)
+    for name in names:
         print(name)
 
 

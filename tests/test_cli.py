@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 from launching import ROOT, launch, needs_fashion, tiny_recipe
+from typer.testing import CliRunner
+
+from swap_accel.cli import app  # importing the package registers resnet9 for timm's local-dir: loading
 
 
 def swap_accel(*args: str) -> subprocess.CompletedProcess:
@@ -89,3 +92,90 @@ def test_set_model_name_swaps_any_timm_family_into_the_quickstart_recipe(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())
     assert r["model"] == "resnet18" and r["recipe"]["model"]["kwargs"] == {} and 0 < r["test_acc"] <= 1
+
+
+@needs_fashion
+def test_train_says_before_starting_that_one_worker_or_workers_in_turn_is_what_it_will_run(
+        tmp_path, data_cache, monkeypatch):
+    """`accelerate launch -m swap_accel train RECIPE` without a config is one process: phase 3 would 'average' one
+    model, said in one line naming the fix; workers in turn are counted. Neither is refused (training starts)."""
+    import swap_accel.train
+
+    started = []
+    monkeypatch.setattr(swap_accel.train, "train", lambda recipe, run_dir, **k: started.append(recipe))
+    recipe = str(tiny_recipe(tmp_path, data_cache))
+    for world, sets, fragment in [
+        ("1", [], "note: phase 2 has a single worker (1 process, phase2.workers unset), so phase 3 averages one "
+                  "model"),
+        ("2", ["--set", "phase2.workers=1000000"], "each process trains 500000 workers one after another"),
+    ]:
+        result = CliRunner().invoke(app, ["train", recipe, "--out", str(tmp_path / "run"), *sets],
+                                    env={"WORLD_SIZE": world, "RANK": None})
+        assert result.exit_code == 0, (result.stderr, result.exception)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("note: phase")]
+        assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert len(started) == 2
+    quiet = CliRunner().invoke(app, ["train", recipe, "--out", str(tmp_path / "run")],
+                               env={"WORLD_SIZE": "2", "RANK": None})
+    assert quiet.exit_code == 0 and "note: phase" not in quiet.stderr  # 2 processes, 2 workers: nothing to say
+
+
+def test_export_into_a_file_is_one_line(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "inside"):
+        result = CliRunner().invoke(app, ["export", str(tmp_path), str(out)])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, (result.stderr, result.exception)
+        assert lines[0].startswith("error: ") and f"{a_file} is a file, not a folder" in lines[0]
+    assert a_file.read_text() == "not a folder"
+
+
+def test_models_that_match_nothing_say_so():
+    result = CliRunner().invoke(app, ["models", "zzz*"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "no timm model name matches 'zzz*'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_export_of_a_streaming_run_states_the_eval_transform_it_was_measured_with(tmp_path):
+    """The card's preprocessing is the one the run's test accuracy was measured with: for streamed data timm's eval
+    transform (crop 0.875, bilinear, ImageNet mean/std), not crop 1.0 and the model's own interpolation; timm rebuilds
+    exactly that transform from the exported folder."""
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
+
+    from swap_accel.checkpoints import save_weights
+    from swap_accel.data import load_data
+    from swap_accel.models import build_model
+    from swap_accel.recipe import Recipe
+
+    root = tmp_path / "images"
+    for split, count in (("train", 3), ("test", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    recipe = Recipe.model_validate({
+        "name": "stream", "mode": "sgd", "model": {"name": "resnet9", "kwargs": {"base_width": 8}},
+        "data": {"source": "imagefolder", "root": str(root), "in_memory": False, "image_size": 32, "num_workers": 0,
+                 "cache_dir": str(tmp_path / "cache")},
+        "phase1": {"global_batch_size": 2, "max_epochs": 1, "lr": {"peak": 0.1}}})
+    run = tmp_path / "run"
+    run.mkdir()
+    save_weights(run / "model.safetensors", build_model("resnet9", in_chans=3, num_classes=2,
+                                                        kwargs={"base_width": 8}, image_size=(32, 32)))
+    (run / "results.json").write_text(json.dumps({
+        "name": "stream", "mode": "sgd", "num_processes": 1, "recipe": recipe.model_dump(mode="json"), "test_acc": 0.5,
+        "critical_path_steps": 3, "phase1": {"global_batch_size": 2, "seconds": 1.0}}))
+    out = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", str(run), str(out)])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    card = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert (card["crop_pct"], card["interpolation"], card["crop_mode"]) == (0.875, "bilinear", "center")
+    assert tuple(card["mean"]) == IMAGENET_DEFAULT_MEAN and tuple(card["std"]) == IMAGENET_DEFAULT_STD
+    used = load_data(recipe.data, torch.device("cpu"), split="test").eval_loader(1).dataset.transform
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert repr(create_transform(**resolve_data_config(model=model))) == repr(used)

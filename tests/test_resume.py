@@ -90,7 +90,7 @@ def test_phase3_time_starts_when_every_process_has_arrived(reference):
 def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, data_cache, phase):
     # Phase 2 also takes Figure 1's averaged-model curve every epoch: a collective over every process, which the
     # rerun's workers, resumed at different epochs, must all reach equally often (else one waits out the timeout).
-    curve = {"tracking": {"averaged_curve": 1}, "collective_timeout_minutes": 1.5} if phase == 2 else {}
+    curve = {"tracking": {"averaged_curve": 1}, "collective_timeout_minutes": 2} if phase == 2 else {}
     recipe = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 7, "keep": 4}, **SAMPLED, **curve)
     out = tmp_path / "run"
     cmd = train_command(recipe, out, "--num_processes", "2", "--main_process_port", str(free_port()))

@@ -80,6 +80,8 @@ BASE = "phase1: {global_batch_size: 64, max_epochs: 2, stop_train_accuracy: 0.9,
     ("", ["phase1.lr.warmup_epochs=5"], "warmup_epochs"),
     ("", ["phase1=3"], "phase1"),
     ("", ["mode=swop"], "mode"),
+    ("", ["phase2.workers=0"], "phase2.workers=0 trains no worker; leave it unset for one worker per process"),
+    ("", ["phase2.workers=-2"], "phase2.workers=-2 trains no worker"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, extra, overrides, fragment):
     with pytest.raises(RecipeError) as err:
@@ -103,6 +105,24 @@ def test_process_count_checks(tmp_path):
     r = load_recipe(_write(tmp_path, BASE), ["phase1.micro_batch_size=5"])
     with pytest.raises(RecipeError, match="micro_batch_size=5"):
         r.check_processes(2)
+
+
+def test_layout_notes_say_what_one_worker_or_workers_in_turn_mean(tmp_path):
+    """A SWAP run whose phase 3 would average a single model, and workers trained in turn, are said in one line each
+    (the CLI prints them before training); the paper's layouts and the modes without workers say nothing."""
+    r = load_recipe(_write(tmp_path, BASE))
+    [one] = r.layout_notes(1)  # a bare `accelerate launch -m swap_accel train`: one process, workers unset
+    assert "phase 2 has a single worker (1 process, phase2.workers unset)" in one and "averages one model" in one
+    assert "--num_processes N" in one and "phase2.workers=N" in one and "\n" not in one
+    assert r.layout_notes(2) == [] and r.layout_notes(8) == []
+    [many] = load_recipe(_write(tmp_path, BASE), ["phase2.workers=1000000"]).layout_notes(2)
+    assert "phase2.workers=1000000 on 2 process(es): each process trains 500000 workers one after another" in many
+    assert "500000 times one worker's time" in many and "\n" not in many
+    [group] = load_recipe(_write(tmp_path, BASE), ["phase2.workers=1"]).layout_notes(4)
+    assert "single worker (4 processes)" in group and "set phase2.workers to 2 or more" in group
+    assert load_recipe(_write(tmp_path, BASE), ["phase2.workers=8"]).layout_notes(8) == []
+    for mode in ("swa", "sgd"):
+        assert load_recipe(_write(tmp_path, BASE), [f"mode={mode}"]).layout_notes(1) == []
 
 
 def test_swap_mode_requires_phase2_and_tau(tmp_path):
@@ -227,3 +247,13 @@ def test_fp16_fused_sgd_equals_plain_sgd_through_skipped_first_steps():
     (fused, fused_scale), (plain, plain_scale) = train(True), train(False)
     assert fused_scale == plain_scale and fused_scale["skipped_steps"] >= 2 and fused_scale["growths"] >= 1
     assert torch.isfinite(fused).all() and torch.equal(fused, plain)
+
+
+def test_noise_scale_estimates_say_they_exclude_weight_decay_and_are_coupled_through_batchnorm():
+    """B_simple here is of the loss gradient alone, measured on BN-coupled batches: every estimate (results.json's
+    phase1.noise_scale, transition.json) carries that, so the number is not read as the regularised objective's."""
+    from swap_accel.noise_scale import estimate
+
+    scope = estimate(1.0, 0.4, 16, 64)["scope"]
+    assert "excludes weight decay" in scope and "BatchNorm" in scope and "\n" not in scope
+    assert estimate(1.0, 0.1, 16, 64)["scope"] == scope  # also when B_simple itself is undefined
