@@ -197,7 +197,8 @@ def render_readme(payload: dict) -> None:
     smoke = " **A smoke test of the pipeline, not a result.**" if payload["quick"] else ""
     checks = "\n".join(f"- {'PASS' if ok else 'MISS'}: {name}" for name, ok in payload["targets"].items())
     replace_block(marker, f"Measured with `{command}` (`{RECIPE.relative_to(ROOT)}`"
-                          f"{', ' + ', '.join(payload['extra']) if payload['extra'] else ''}), {payload['seeds']} seeds "
+                          f"{', ' + ', '.join(payload['extra']) if payload['extra'] else ''}), "
+                          f"{payload['seeds']} seeds "
                           f"per row, 2 processes, {payload['runs_total_s'] / 60:.0f} min of runs.{smoke}\n\n"
                           f"{payload['table']}\n\n{checks}")
 

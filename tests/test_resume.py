@@ -273,8 +273,9 @@ def test_a_resumed_worker_continues_from_the_sample_it_committed(reference, tmp_
     staging.mkdir()
     from safetensors.torch import save_file
 
-    save_file({n: t + 0.01 if t.is_floating_point() else t for n, t in load_weights(sample / "model.safetensors").items()},
-              str(staging / "model.safetensors"))
+    weights = load_weights(sample / "model.safetensors")
+    shifted = {n: t + 0.01 if t.is_floating_point() else t for n, t in weights.items()}
+    save_file(shifted, str(staging / "model.safetensors"))
     commit_checkpoint(staging, sample, ["model.safetensors"],
                       {k: v for k, v in manifest.items() if k not in ("format", "files")})
 

@@ -21,8 +21,8 @@ from launching import (
     free_port,
     kill_when,
     launch,
-    run_on_ranks,
     needs_fashion,
+    run_on_ranks,
     start,
     tensors_equal,
     tiny_recipe,
@@ -277,7 +277,8 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
 
     def fresh():
         torch.manual_seed(1)
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 10))
 
     class NoLogging:
         def steps(self, iterable, **where):
@@ -309,7 +310,8 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
             x, y = next(source.batches(block, len(block), augment=False, generator=None))
             logits = ref(x)
             if split_tail:
-                loss = sum(F.cross_entropy(logits[part], y[part]) for part in torch.arange(len(block)).tensor_split(2)) / 2
+                parts = torch.arange(len(block)).tensor_split(2)
+                loss = sum(F.cross_entropy(logits[part], y[part]) for part in parts) / 2
             else:
                 loss = F.cross_entropy(logits, y)
             for pg in sgd.param_groups:
