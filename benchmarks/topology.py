@@ -132,7 +132,8 @@ def render(payload: dict) -> str:
               "In-group collectives are one gradient all-reduce per step per DDP bucket, plus per epoch the epoch's "
               "loss/accuracy sum and the leader's BN statistics, plus the leader's one broadcast of the resume point. "
               f"W=8 on 2 processes: {w8['measured']:.1f} s measured (equal hardware) against a parallel-equivalent "
-              f"{w8['parallel_equivalent']:.1f} s (phase 1 and 3 on the 2 processes, phase 2 as 8 workers on 8 devices); "
+              f"{w8['parallel_equivalent']:.1f} s (phase 1 and 3 on the 2 processes, phase 2 as 8 workers on 8 "
+              "devices); "
               f"its phase 2 is {ratios['W8_phase2_over_slowest_worker']:.2f}× the slowest single worker (4 in turn)."]
     return "\n".join(lines)
 
