@@ -99,7 +99,7 @@ def main() -> None:
     def swap_phase2():
         # A one-process worker trains its module itself (model is module); one sample, its end (issue 11).
         train_phase2(worker_model, worker_model, sub2, cfg2, opt_cfg, accelerator, seed=0, worker=rank, log=log2,
-                     ckpt=ckpt, samples=CycleSamples(cfg2, ckpt.root.parent, rank))
+                     ckpt=ckpt, samples=CycleSamples(cfg2.sampling, ckpt.root.parent, rank))
 
     def plain_phase2():
         for idx in torch.randperm(n2, generator=gen).split(args.worker_batch):

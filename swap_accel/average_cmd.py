@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -85,7 +84,7 @@ def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]
     return workers
 
 
-def _sampling(path: Path, manifest: dict) -> SimpleNamespace | None:
+def _sampling(path: Path, manifest: dict) -> dict[str, int] | None:
     """The phase-2 settings that decide which samples a worker had taken (snapshots.CycleSamples reads epochs, lr.cycles
     and samples_per_worker), as the worker's own run recorded them: not the --recipe's, which may differ. None for
     a finished worker, whose manifest lists its samples."""
@@ -96,8 +95,7 @@ def _sampling(path: Path, manifest: dict) -> SimpleNamespace | None:
         raise CheckpointError(f"{path} does not record its run's phase-2 sampling settings (written by an older "
                               "swap_accel), so which samples it had taken is unknown; average finished workers "
                               "(p2-w*-end) instead, or retrain its run with this version")
-    return SimpleNamespace(epochs=recorded["epochs"], samples_per_worker=recorded["samples_per_worker"],
-                           lr=SimpleNamespace(cycles=recorded["cycles"]))
+    return recorded
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -148,6 +148,12 @@ class Phase2Config(Strict):
     # its last S learning-rate cycles (phase2.lr.cycles), and phase 3 averages all W x S with equal weight.
     samples_per_worker: PositiveInt = 1
 
+    @property
+    def sampling(self) -> dict[str, int]:
+        """What decides which epochs end a sample (snapshots.CycleSamples), as every phase-2 checkpoint records it:
+        `average` finds a dead worker's samples from its own record, whatever recipe it is given."""
+        return {"epochs": self.epochs, "cycles": self.lr.cycles, "samples_per_worker": self.samples_per_worker}
+
 
 class EvalConfig(Strict):
     batch_size: int = Field(1024, gt=0)

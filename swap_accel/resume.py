@@ -241,10 +241,8 @@ class Checkpointer:
         # Every manifest says which images its weights were trained on (data.provenance), so a run that reuses it
         # (--from-phase1, average, transition) can refuse other data, and how the worker takes its samples
         # (snapshots.CycleSamples), so `average` finds a dead worker's samples without its run's recipe.
-        sampling = recipe.phase2 and {"epochs": recipe.phase2.epochs, "cycles": recipe.phase2.lr.cycles,
-                                      "samples_per_worker": recipe.phase2.samples_per_worker}
         self.meta = {"num_processes": self.world, "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs},
-                     "data": provenance(recipe.data), "sampling": sampling}
+                     "data": provenance(recipe.data), "sampling": recipe.phase2 and recipe.phase2.sampling}
         self.last_good: Path | None = None
         # Checkpoints committed by an earlier launch of this run. Listed here, before this launch trains a step, so
         # that every process agrees which ones it may reach again (`_save_once`) however its view of the shared

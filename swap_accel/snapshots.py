@@ -19,7 +19,6 @@ import torch
 
 from .checkpoints import CheckpointError, load_weights, verify_checkpoint
 from .distributed import flat_state, flat_state_of
-from .recipe import Phase2Config
 from .resume import ROOT
 
 
@@ -43,10 +42,12 @@ class CycleSamples:
     """One worker's samples. Only its group's leader keeps the sum and writes the samples (the members hold the
     same weights after the in-group all-reduce, and contribute zeros to phase 3)."""
 
-    def __init__(self, cfg: Phase2Config, run_dir: Path, worker: int, *, leader: bool = True) -> None:
-        self.cycle_epochs = cfg.epochs // cfg.lr.cycles
-        self.skipped_cycles = cfg.lr.cycles - cfg.samples_per_worker  # early cycles that only lead to the sampled
-        self.dirs = sample_dirs(run_dir, worker, cfg.samples_per_worker)
+    def __init__(self, sampling: dict[str, int], run_dir: Path, worker: int, *, leader: bool = True) -> None:
+        """`sampling`: Phase2Config.sampling, or the record a checkpoint holds of it."""
+        self.cycle_epochs = sampling["epochs"] // sampling["cycles"]
+        # early cycles that only lead to the sampled ones
+        self.skipped_cycles = sampling["cycles"] - sampling["samples_per_worker"]
+        self.dirs = sample_dirs(run_dir, worker, sampling["samples_per_worker"])
         self.leader = leader
         self.sum: torch.Tensor | None = None
 

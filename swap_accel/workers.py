@@ -80,7 +80,7 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
         if origin is not None:
             module.load_state_dict(origin)
         start = started[worker]
-        samples = CycleSamples(recipe.phase2, run_dir, worker, leader=member == 0)
+        samples = CycleSamples(recipe.phase2.sampling, run_dir, worker, leader=member == 0)
         if start.end is None:
             p2 = train_phase2(model, module, train_data, recipe.phase2, recipe.optimizer, accelerator,
                               seed=recipe.seed, worker=worker, log=log, ckpt=ckpt, resume=start.step, group=group,

@@ -35,7 +35,7 @@ def test_cycles_restart_the_whole_schedule_and_one_cycle_is_the_old_schedule():
 
 def test_samples_are_the_ends_of_the_last_cycles(tmp_path):
     cfg = Phase2Config(per_worker_batch_size=8, epochs=6, samples_per_worker=2, lr=LRConfig(peak=0.1, cycles=3))
-    samples = CycleSamples(cfg, tmp_path, worker=3)
+    samples = CycleSamples(cfg.sampling, tmp_path, worker=3)
     # 3 cycles of 2 epochs; the first only leads to the sampled two, whose ends are epochs 4 and 6 (0-based 3, 5).
     assert [samples.index_after(e) for e in range(6)] == [None, None, None, 0, None, 1]
     assert [samples.taken_before(e) for e in range(7)] == [0, 0, 0, 0, 1, 1, 2]

@@ -297,7 +297,7 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
     module = fresh()
     train_phase2(data_parallel(module, group, acc.device), module, source, cfg, opt, acc, seed=0, worker=0,
                  log=NoLogging(), ckpt=NoCheckpoints(), group=group, member=rank, members=2,
-                 samples=CycleSamples(cfg, out, 0, leader=rank == 0))
+                 samples=CycleSamples(cfg.sampling, out, 0, leader=rank == 0))
 
     def by_hand(split_tail):
         # One process, the group's very blocks: the mean loss over every sample of a block (weighted=True), or
