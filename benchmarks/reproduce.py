@@ -1,15 +1,15 @@
-"""The paper's Table 1 at CPU scale (issue 10): SGD small batch, SGD large batch and SWAP with W = 8, 4 and 2
-workers on Fashion-MNIST, in the regime of `recipes/fashion_mnist_gap.yaml` where large batch really loses.
+"""The paper's Table 1 at CPU scale: SGD small batch, SGD large batch, SWAP with W = 8, 4 and 2 workers (and, in
+the paper regime, large-batch SWA at SWAP's compute) on Fashion-MNIST, in one of the regimes of
+`benchmarks/regimes.py`: `paper` (default; faithful by optimizer steps and ratios) or `gap` (the earlier record).
 
-Every run is `accelerate launch ... -m swap_accel train recipes/fashion_mnist_gap.yaml --set ...` on the 2
-processes: the baselines are `mode: sgd` overrides of the same recipe, as the paper's Table 6 derives them, and
-SWAP with 4 and 2 workers starts phase 2 from the 8-worker run's phase 1 of the same seed (`--from-phase1`), so
-the rows differ only in how many workers are averaged. Reports test accuracy mean ± std, measured and
-parallel-equivalent time, critical-path optimizer steps and counted sync events; checks the issue's targets;
-writes benchmarks/results/reproduce[_quick].json and the README table between its markers.
+Every run is `accelerate launch ... -m swap_accel train RECIPE --set ...` on 2 processes. Reports test accuracy
+mean +- std (raw, and after the BN recomputation SWAP's phase 3 gets), equal-hardware and parallel-equivalent time,
+critical-path optimizer steps and counted sync events; judges the regime's targets; writes
+benchmarks/results/<regime result>[_quick].json and the README table between the regime's markers.
 
-    .venv/bin/python -m benchmarks.reproduce            # full: 3 seeds, about 90 min on 2 cores
-    .venv/bin/python -m benchmarks.reproduce --quick    # smoke test of the pipeline, under 14 minutes
+    .venv/bin/python -m benchmarks.reproduce                  # paper regime: 3 seeds, about an hour on 2 cores
+    .venv/bin/python -m benchmarks.reproduce --regime gap     # the earlier regime, about 90 min
+    .venv/bin/python -m benchmarks.reproduce --quick          # smoke test of the pipeline, a few minutes
 
 Finished runs are reused (an interrupted benchmark continues where it stopped) unless --fresh.
 """
@@ -22,38 +22,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import replace_block, save
+from benchmarks.regimes import GAP, REGIMES, ROOT, Regime, Row
 from swap_accel.recipe import Recipe, load_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "fashion_mnist_gap.yaml"
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    tag: str
-    overrides: tuple[str, ...] = ()
-    phase1_from: str | None = None  # tag of the row whose phase 1 this row's phase 2 starts from
-
-
-# The baselines as the paper runs them (Table 6): small batch = phase 2's batch with its own LR, large batch =
-# phase 1's batch, LR and warm-up, both for the whole epoch budget (`mode: sgd` ignores tau).
-SB = ("mode=sgd", "phase1.global_batch_size=128", "phase1.lr.peak=0.1", "phase1.lr.warmup_epochs=2")
-ROWS = (
-    Row("SGD (small-batch)", "sgd-sb", SB),
-    Row("SGD (large-batch)", "sgd-lb", ("mode=sgd",)),
-    Row("SWAP, 8 workers", "swap-w8"),
-    Row("SWAP, 4 workers", "swap-w4", ("phase2.workers=4",), phase1_from="swap-w8"),
-    Row("SWAP, 2 workers", "swap-w2", ("phase2.workers=2",), phase1_from="swap-w8"),
-)
-# A smoke test of the whole pipeline (every row, 2 seeds, README block) in under 15 minutes: a 4096-image
-# subset and a few epochs. Large batch gets 2 steps per epoch here, so its numbers say nothing about SWAP.
-QUICK = ("data.train_subset=4096", "data.test_subset=2000", "eval.bn_samples=2000", "phase1.max_epochs=6",
-         "phase1.lr.warmup_epochs=2", "phase2.epochs=1")
 
 
 def effective(recipe: Recipe) -> Recipe:
@@ -71,11 +44,12 @@ def phase1_digest(run_dir: Path) -> str | None:
     return json.loads(path.read_text())["phase1"]["params"] if path.exists() else None
 
 
-def run(row: Row, overrides: list[str], seed: int, out: Path, fresh: bool, source: Path | None = None) -> dict:
+def run(row: Row, overrides: list[str], seed: int, out: Path, fresh: bool, source: Path | None = None, *,
+        recipe: Path) -> dict:
     """One training run. A finished run directory of the same resolved recipe is reused and an interrupted one
     resumes (issue 4), so an interrupted benchmark continues where it stopped; --fresh starts every run over.
     A run started from `source`'s phase 1 is reused only while that phase 1 is still the one it started from."""
-    wanted = effective(load_recipe(RECIPE, [f"seed={seed}", *overrides]))
+    wanted = effective(load_recipe(recipe, [f"seed={seed}", *overrides]))
     if (out / "results.json").exists() and not fresh:
         finished = json.loads((out / "results.json").read_text())
         # Validating the stored recipe fills keys added since with their defaults.
@@ -87,7 +61,7 @@ def run(row: Row, overrides: list[str], seed: int, out: Path, fresh: bool, sourc
         # An interrupted run resumes only under its own recipe; one of older settings starts over.
         fresh = effective(load_recipe(out / "recipe.yaml")) != wanted
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(ROOT / "accelerate_config.yaml"), "-m", "swap_accel", "train", str(RECIPE), "--out", str(out),
+           str(ROOT / "accelerate_config.yaml"), "-m", "swap_accel", "train", str(recipe), "--out", str(out),
            *(["--overwrite"] if fresh else []), "--set", f"seed={seed}", *[a for o in overrides for a in ("--set", o)]]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -109,7 +83,7 @@ def sync_events(run: dict, source: dict | None) -> int:
 
 
 def summarize(runs: list[dict], sources: list[dict | None]) -> dict:
-    swap = runs[0]["mode"] == "swap"
+    swap = runs[0]["mode"] != "sgd"  # SWAP and SWA both average models in phase 3
     times = [r["training_seconds"] if swap else {"measured": r["phase1"]["seconds"],
                                                  "parallel_equivalent": r["phase1"]["seconds"]} for r in runs]
     row = {
@@ -133,32 +107,10 @@ def summarize(runs: list[dict], sources: list[dict | None]) -> dict:
         row["before_averaging"] = mean_std([r["before_averaging"]["mean"] for r in runs])
         row["before_averaging_bn"] = mean_std([r["before_averaging_bn"]["mean"] for r in runs])
         row["phase1_epochs"] = mean_std([r["phase1"]["epochs"] for r in runs])
+        row["phase1_reached_tau_per_seed"] = [bool(r["phase1"]["reached_tau"]) for r in runs]
         row["after_minus_workers_per_seed"] = [r["test_acc"] - r["before_averaging"]["mean"] for r in runs]
         row["after_minus_workers_bn_per_seed"] = [r["test_acc"] - r["before_averaging_bn"]["mean"] for r in runs]
     return row
-
-
-def targets(rows: dict) -> dict[str, bool]:
-    """The issue's targets for SWAP with 8 workers, and the two facts that make the regime worth reproducing.
-    Each accuracy target is judged as the issue states it, and again BN-matched (issue 14): SWAP's phase 3 gives
-    it fresh BatchNorm statistics, so the baselines and workers after the same recalibration are its fair match."""
-    sb, lb, swap = (rows[t] for t in ("sgd-sb", "sgd-lb", "swap-w8"))
-    swap_acc = swap["test_acc"]["mean"]
-    checks = {"regime: small batch converges (train acc >= 98 %)": sb["train_acc"]["mean"] >= 0.98}
-    for key, label in (("test_acc", ""), ("test_acc_bn", ", baselines BN-recomputed")):
-        sb_acc, lb_acc = sb[key]["mean"], lb[key]["mean"]
-        checks |= {
-            f"regime: large batch >= 1 point below small batch{label}": lb_acc <= sb_acc - 0.01,
-            f"SWAP after averaging >= SB - 0.2 points{label}": swap_acc >= sb_acc - 0.002,
-            f"SWAP after averaging >= LB + 0.75 (SB - LB){label}": swap_acc >= lb_acc + 0.75 * (sb_acc - lb_acc),
-        }
-    return checks | {
-        "SWAP above its workers' mean in every seed": all(d > 0 for d in swap["after_minus_workers_per_seed"]),
-        "SWAP above its workers' mean in every seed, workers BN-recomputed": all(
-            d > 0 for d in swap["after_minus_workers_bn_per_seed"]),
-        "SWAP parallel-equivalent time <= 50 % of SB's": swap["parallel_equivalent_s"]["mean"]
-        <= 0.5 * sb["measured_s"]["mean"],
-    }
 
 
 def resumed(results: dict, out: Path) -> bool:
@@ -169,19 +121,21 @@ def resumed(results: dict, out: Path) -> bool:
                 or any(v for w in (start.get("workers") or {}).values() for v in w.values()))
 
 
-def table(rows: dict) -> str:
-    lines = ["| method | test accuracy (%) | BN recomputed (%) | train accuracy (%) | measured time (s) "
+def table(table_rows: tuple[Row, ...], rows: dict) -> str:
+    # Equal hardware first: every row measured on the same 2 processes; then the parallel-equivalent time.
+    lines = ["| method | test accuracy (%) | BN recomputed (%) | train accuracy (%) | measured on 2 processes (s) "
              "| parallel-equivalent (s) | critical-path steps | sync events |", "|---|---|---|---|---|---|---|---|"]
 
     def pct(ms):
         return f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f}"
 
-    for row in ROWS:
+    for row in table_rows:
         r = rows[row.tag]
         rest = (f"{pct(r['train_acc'])} | {r['measured_s']['mean']:.0f} | {r['parallel_equivalent_s']['mean']:.0f} | "
                 f"{r['critical_path_steps']['mean']:.0f} | {r['sync_events']['mean']:.0f}")
         if "before_averaging" in r:
-            lines.append(f"| {row.name}, before averaging (workers' mean) | {pct(r['before_averaging'])} | "
+            before = "workers' mean" if row.tag.startswith("swap") else "last model"
+            lines.append(f"| {row.name}, before averaging ({before}) | {pct(r['before_averaging'])} | "
                          f"{pct(r['before_averaging_bn'])} | {rest} |")
             lines.append(f"| **{row.name}, after averaging** | **{pct(r['test_acc'])}** | {pct(r['test_acc_bn'])} | "
                          f"{rest} |")
@@ -190,66 +144,75 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def command(regime: Regime, quick: bool) -> str:
+    return (".venv/bin/python -m benchmarks.reproduce" + ("" if regime.name == "paper" else f" --regime {regime.name}")
+            + (" --quick" if quick else ""))
+
+
 def render_readme(payload: dict) -> None:
     """Put the table, the targets and the command that made them between the README's markers."""
-    marker = "reproduce-quick" if payload["quick"] else "reproduce"  # each variant has its own block
-    command = ".venv/bin/python -m benchmarks.reproduce" + (" --quick" if payload["quick"] else "")
-    smoke = " **A smoke test of the pipeline, not a result.**" if payload["quick"] else ""
+    regime = REGIMES[payload.get("regime", "gap")]  # payloads from before the paper regime are the gap regime's
+    quick = payload["quick"]
+    smoke = " **A smoke test of the pipeline, not a result.**" if quick else ""
     checks = "\n".join(f"- {'PASS' if ok else 'MISS'}: {name}" for name, ok in payload["targets"].items())
-    replace_block(marker, f"Measured with `{command}` (`{RECIPE.relative_to(ROOT)}`"
-                          f"{', ' + ', '.join(payload['extra']) if payload['extra'] else ''}), "
-                          f"{payload['seeds']} seeds "
-                          f"per row, 2 processes, {payload['runs_total_s'] / 60:.0f} min of runs.{smoke}\n\n"
-                          f"{payload['table']}\n\n{checks}")
+    note = f"\n\n{regime.note}" if regime.note else ""
+    replace_block(regime.marker + ("-quick" if quick else ""),
+                  f"Measured with `{command(regime, quick)}` (`{payload['recipe']}`"
+                  f"{', ' + ', '.join(payload['extra']) if payload['extra'] else ''}), {payload['seeds']} seeds "
+                  f"per row, 2 processes, {payload['runs_total_s'] / 60:.0f} min of runs.{smoke}\n\n"
+                  f"{payload['table']}{note}\n\n{checks}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="paper",
+                        help="paper: faithful by optimizer steps (default); gap: the earlier regime, kept as record.")
     parser.add_argument("--render", type=Path, help="Only re-render the README table from a results JSON.")
     parser.add_argument("--quick", action="store_true", help="Smoke test: small subset, few epochs, 2 seeds.")
     parser.add_argument("--seeds", type=int, help="Seeds per row (default 3; 2 with --quick).")
-    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "reproduce")
+    parser.add_argument("--runs-dir", type=Path, help="Where the runs go (default runs/reproduce for the gap regime, "
+                                                      "runs/reproduce-<regime> otherwise).")
     parser.add_argument("--fresh", action="store_true", help="Rerun finished runs instead of reusing them.")
     args = parser.parse_args()
-    args.runs_dir = args.runs_dir.resolve()  # the runs are launched from the repository root
     if args.render:
         return render_readme(json.loads(args.render.read_text()))
+    regime = REGIMES[args.regime]
+    runs_dir = (args.runs_dir or ROOT / "runs" / ("reproduce" if regime is GAP else f"reproduce-{regime.name}"))
+    runs_dir = runs_dir.resolve()  # the runs are launched from the repository root
     if args.quick:
-        print("--quick: a smoke test of the benchmark pipeline (4096 images, 6 epochs): its accuracies are not "
+        print("--quick: a smoke test of the benchmark pipeline (small subset, few epochs): its accuracies are not "
               "the paper's claim; the full run is the result.", flush=True)
-    extra, seeds = list(QUICK if args.quick else ()), args.seeds or (2 if args.quick else 3)
+    extra, seeds = list(regime.quick if args.quick else ()), args.seeds or (2 if args.quick else 3)
+    table_rows = regime.rows(args.quick)
     prefix = "quick-" if args.quick else ""
     results: dict[str, list[dict]] = {}
     rows = {}
-    for row in ROWS:
+    for row in table_rows:
         results[row.tag], sources = [], []
         for seed in range(seeds):
-            source = results[row.phase1_from][seed] if row.phase1_from else None
-            overrides = [*row.overrides, *extra]
-            if row.phase1_from:
-                overrides.append(f"from_phase1={args.runs_dir / f'{prefix}{row.phase1_from}-s{seed}'}")
-            out = args.runs_dir / f"{prefix}{row.tag}-s{seed}"
-            r = run(row, overrides, seed, out, args.fresh,
-                    args.runs_dir / f"{prefix}{row.phase1_from}-s{seed}" if row.phase1_from else None)
+            source_dir = runs_dir / f"{prefix}{row.phase1_from}-s{seed}" if row.phase1_from else None
+            overrides = [*row.overrides, *extra, *([f"from_phase1={source_dir}"] if source_dir else [])]
+            out = runs_dir / f"{prefix}{row.tag}-s{seed}"
+            r = run(row, overrides, seed, out, args.fresh, source_dir, recipe=regime.recipe)
             if resumed(r, out):
                 print(f"  note: {out.name} was resumed, so its collectives and seconds count its last launch only; "
                       "rerun with --fresh for exact counts", flush=True)
             results[row.tag].append(r)
-            sources.append(source)
+            sources.append(results[row.phase1_from][seed] if row.phase1_from else None)
             print(f"{row.name} seed {seed}: test acc {100 * r['test_acc']:.2f}%, {r['total_seconds']:.0f} s",
                   flush=True)
         rows[row.tag] = summarize(results[row.tag], sources)
-    checks = targets(rows)
-    rendered = table(rows)
+    checks = regime.targets(rows)
+    rendered = table(table_rows, rows)
     print(rendered)
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'MISS'} {name}")
-    payload = {"quick": args.quick, "recipe": str(RECIPE.relative_to(ROOT)), "seeds": seeds,
+    payload = {"regime": regime.name, "quick": args.quick, "recipe": regime.relative_recipe(), "seeds": seeds,
                "rows_overrides": {r.tag: [*r.overrides, *([f"from_phase1=<{r.phase1_from} run>"]
-                                                         if r.phase1_from else [])] for r in ROWS},
+                                                         if r.phase1_from else [])] for r in table_rows},
                "extra": extra, "rows": rows, "targets": checks, "table": rendered,
                "runs_total_s": sum(r["total_seconds"] for runs in results.values() for r in runs)}
-    print(f"wrote {save('reproduce_quick' if args.quick else 'reproduce', payload)}")
+    print(f"wrote {save(regime.result + ('_quick' if args.quick else ''), payload)}")
     render_readme(payload)
 
 

@@ -28,7 +28,11 @@ import json
 from pathlib import Path
 
 from benchmarks.common import save
-from benchmarks.reproduce import QUICK, RECIPE, ROOT, SB, Row, run
+from benchmarks.regimes import GAP_QUICK as QUICK
+from benchmarks.regimes import GAP_RECIPE as RECIPE
+from benchmarks.regimes import GAP_SB as SB
+from benchmarks.regimes import ROOT, Row
+from benchmarks.reproduce import run
 from swap_accel.recipe import load_recipe
 from swap_accel.schedules import describe
 
@@ -139,7 +143,7 @@ def main() -> None:
         source = runs_dir / f"{prefix}{row.phase1_from}-s{seed}" if row.phase1_from else None
         if source is not None:
             overrides.append(f"from_phase1={source}")
-        r = run(row, overrides, seed, runs_dir / f"{prefix}{row.tag}-s{seed}", args.fresh, source)
+        r = run(row, overrides, seed, runs_dir / f"{prefix}{row.tag}-s{seed}", args.fresh, source, recipe=RECIPE)
         results[row.tag], numbers[row.tag] = r, summary(r)
         print(f"{row.name}: test acc {100 * r['test_acc']:.2f}%, {numbers[row.tag]['seconds']:.0f} s", flush=True)
     schedules = {row.tag: schedule(row) for row in table_rows}
