@@ -1,4 +1,4 @@
-"""`swap_accel average CKPT_OR_RUN_DIR... --recipe R --out DIR`: phase 3 on any set of workers (issue 4).
+"""`swap_accel average CKPT_OR_RUN_DIR... --recipe R --out DIR`: phase 3 on any set of workers.
 
 Phase 2 needs no worker to wait for another (paper section 3: "No synchronization between workers is
 required in this phase"), so workers may run as separate jobs, on different machines, and when one dies
@@ -69,7 +69,7 @@ def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]
                    mismatch_fix=lambda theirs, ours: (
                        f"pass the workers' own recipe (their run's recipe.yaml) or {provenance_sets(theirs)}"))
         _sampling(path, manifest)
-        # Issue 9: a worker is (phase-1 origin, seed, worker index): worker 0 of two --from-phase1 runs with
+        # A worker is (phase-1 origin, seed, worker index): worker 0 of two --from-phase1 runs with
         # different seeds are two workers. What must not enter twice is one checkpoint, under any path.
         same = seen.get(path.resolve()) or seen.get(manifest["files"]["model.safetensors"]["sha256"])
         if same:
@@ -122,7 +122,7 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
     module = build_model(recipe.model.name, in_chans=train_data.in_chans, num_classes=train_data.num_classes,
                          kwargs=recipe.model.kwargs, image_size=train_data.image_size).to(accelerator.device)
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
-    greedy = recipe.phase3.selection == "greedy"  # issue 11: keeps every model's state, not only the sum
+    greedy = recipe.phase3.selection == "greedy"  # keeps every model's state, not only the sum
     rows, total, states, models = [], None, [], []
     for path, manifest in workers:
         load_weights_into(module, path)
@@ -136,8 +136,9 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
             save_weights(_mkdir(out / "workers") / f"worker{len(rows) - 1}.safetensors", module,
                          {"worker": str(manifest["worker"]), "seed": str(manifest.get("seed")),
                           "checkpoint": str(path)})
-        # The same sums of `flat_state` as train's phase 3 (workers.py): each worker's samples (issue 11) summed in
-        # the order taken, the last being the checkpoint itself (already in `module`), then added to the total.
+        # The same sums of `flat_state` as train's phase 3 (workers.py): each worker's samples (paper section 5.3)
+        # summed in the order taken, the last being the checkpoint itself (already in `module`), then added to the
+        # total.
         own = None
         for s, sample in enumerate([*_earlier_samples(path, manifest), path]):
             flat = flat_state(module) if sample == path else load_flat(sample, module, accelerator.device)
@@ -195,7 +196,7 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
 
 
 def _earlier_samples(path: Path, manifest: dict) -> list[Path]:
-    """A worker's samples before the checkpoint `path` itself, verified (issue 11). A finished worker lists them (the
+    """A worker's samples before the checkpoint `path` itself, verified. A finished worker lists them (the
     ends of its last S LR cycles; the last, itself, wherever it has been moved). A worker that died in phase 2 (a
     `p2-w<k>-step...` checkpoint) has the ones its own run's settings had taken by the checkpoint's epoch."""
     sampling = _sampling(path, manifest)

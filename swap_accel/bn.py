@@ -38,7 +38,7 @@ def recalibrate_bn_(
     """Set every BN layer's running mean/variance to the statistics of its inputs over a pass.
 
     The pass is shared by all processes by default. `shard=(member, members)` shares it among one worker's
-    processes only (issue 14: every worker gets the same recalibration as the averaged model): summed inside
+    processes only (every worker gets the same recalibration as the averaged model): summed inside
     `group`, or on this process alone, with no collective, when `members` is 1."""
     layers = bn_layers(module)
     if not layers:

@@ -66,7 +66,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def tensors_sha256(path: Path) -> str:
-    """Identifies the weights, not the file (issue 13): safetensors writes its JSON header in no fixed order, so
+    """Identifies the weights, not the file: safetensors writes its JSON header in no fixed order, so
     two files of bitwise-equal tensors can differ in sha256. Names, dtypes, shapes and bytes, in name order."""
     h = hashlib.sha256()
     for name, tensor in sorted(load_weights(path).items()):
@@ -80,7 +80,7 @@ def weights_identity(path: Path) -> dict[str, str]:
     return {"model_sha256": tensors_sha256(path), "model_file_sha256": sha256_file(path)}
 
 
-# ----------------------------------------------------------------------------------- checkpoints (issue 4)
+# ----------------------------------------------------------------------------------- checkpoints
 #
 # A checkpoint is a directory: weights as safetensors, optimizer/RNG/loop state as `*.pt` files that are
 # only ever read with `torch.load(weights_only=True)`, and `manifest.json` with each file's size and
@@ -159,7 +159,7 @@ def load_state(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's own message goes on to suggest weights_only=False, i.e. running the file's code (issue 13):
+        # torch's own message goes on to suggest weights_only=False, i.e. running the file's code:
         # only the object it refused is passed on.
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         what = f"it refers to {found.group(1)}" if found else "it is not a plain tensor/number file"

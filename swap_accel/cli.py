@@ -49,7 +49,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def run_dir_for(recipe, out: Path | None) -> Path:
     if out or recipe.output_dir:
         return Path(out or recipe.output_dir)  # an explicit directory anywhere is the user's choice
-    # The default runs/<name> must stay inside runs/ (issue 13): no separators, no "..", no hidden or home names.
+    # The default runs/<name> must stay inside runs/: no separators, no "..", no hidden or home names.
     if not recipe.name or any(c in recipe.name for c in "/\\") or recipe.name[0] in ".~":
         from .recipe import RecipeError
 
@@ -180,7 +180,7 @@ def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (several: side-by-side comparison).")],
     debug: Debug = False,
 ) -> None:
-    """Print the Table-1 table from each run's results.json and redraw its Figure 1 (issue 3)."""
+    """Print the Table-1 table from each run's results.json and redraw its Figure 1."""
     import json
 
     from .figure import save
@@ -206,7 +206,7 @@ def export(
     debug: Debug = False,
 ) -> None:
     """Export the averaged model the way timm models are shared: timm.create_model('local-dir:OUT', pretrained=True)
-    loads it, `--push` uploads it (issue 13)."""
+    loads it, `--push` uploads it."""
     try:
         from .export import export as run
 

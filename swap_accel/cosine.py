@@ -1,5 +1,5 @@
 """`swap_accel cosine RUN_DIR`: along one worker's phase 2, the cosine between its descent direction and the
-direction to the averaged model (paper section 4.2, Figure 4; issue 12).
+direction to the averaged model (paper section 4.2, Figure 4).
 
     cos_i = <θ_swap - θ_i, -g_i> / (|θ_swap - θ_i| |g_i|)
 

@@ -1,4 +1,4 @@
-"""Counting collectives (issue 2, issue 9): the claim "phase 2 communicates nothing between workers" is
+"""Counting collectives: the claim "phase 2 communicates nothing between workers" is
 measured for every run, not assumed. Wraps the `torch.distributed` functions, so it sees Accelerate's
 ops, DDP's broadcasts and (through the stock comm hook) DDP's gradient all-reduces.
 """
@@ -59,7 +59,7 @@ class CollectiveCounter:
     parameter/buffer broadcasts; DDP's gradient all-reduce runs in C++ unless a comm hook is set, so
     `watch_ddp` registers the stock all-reduce hook, which calls `dist.all_reduce` (same math).
     Nested calls (e.g. all_gather_object → all_gather) count once. A collective on a phase-2 worker group
-    (issue 9) made while phase 2 runs is counted as `phase2_in_group`, apart from `phase2`, which counts
+    made while phase 2 runs is counted as `phase2_in_group`, apart from `phase2`, which counts
     what crosses between workers and must stay 0.
     """
 

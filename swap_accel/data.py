@@ -475,7 +475,7 @@ def _subset(num_samples: int, k: int | None, key: str) -> Tensor | None:
 
 
 def _indices(num_samples: int, cfg: DataConfig, split: str) -> Tensor | None:
-    """The samples of its split a source holds (None: all). "train" and "holdout" (issue 12) share one seed-0
+    """The samples of its split a source holds (None: all). "train" and "holdout" share one seed-0
     permutation of the training split: train_subset takes its first samples, data.holdout_samples its last, so
     the two never overlap and setting a hold-out leaves an explicit train_subset as it was."""
     if split == "test":
@@ -576,7 +576,7 @@ def _check_size(cfg: DataConfig, images: Tensor) -> None:
                         f"{images.shape[2]}x{images.shape[3]}; remove data.image_size or set data.in_memory: false")
     side = min(images.shape[2:])
     for key, value in (("cutout_size", cfg.augment.cutout_size), ("crop_padding", cfg.augment.crop_padding)):
-        if value >= side and value > 0:  # a hole or a shift as large as the image leaves nothing of it (issue 13)
+        if value >= side and value > 0:  # a hole or a shift as large as the image leaves nothing of it
             raise DataError(f"data.augment.{key}={value} is not smaller than the {images.shape[2]}x{images.shape[3]} "
                             f"images; use less than {side} (0 turns it off)")
 

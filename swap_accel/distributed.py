@@ -1,8 +1,8 @@
 """Distributed helpers: with `counting`, the only module that calls `torch.distributed`.
 
 Three jobs. (1) Form a real process group on CPU-only machines and refuse a launch whose processes
-are not one group (issue 2: `torchrun`/`accelerate launch --multi_gpu` without CUDA otherwise start
-independent single-process runs, silently). (2) Phase 2's worker groups (issue 9) and their
+are not one group (`torchrun`/`accelerate launch --multi_gpu` without CUDA otherwise start
+independent single-process runs, silently). (2) Phase 2's worker groups and their
 data-parallel wrapper. (3) The collectives SWAP needs: one flattened all-reduce to average the
 workers (paper Algorithm 1, phase 3), sums for metrics and BN statistics, broadcasts of buffers and
 of decisions one rank takes for all. `counting` counts every one of them per phase.
@@ -49,7 +49,7 @@ def require_one_group(accelerator: Accelerator) -> None:
 @dataclasses.dataclass
 class _DDPKwargs(DistributedDataParallelKwargs):
     """Accelerate 1.15 forwards `broadcast_buffers`, which torch deprecates with a FutureWarning in every process
-    of every run (issue 13); torch's current name is `forward_sync_buffers`. False keeps one sync at DDP's
+    of every run; torch's current name is `forward_sync_buffers`. False keeps one sync at DDP's
     construction, where every rank holds the same seeded buffers anyway, and none before each forward."""
 
     forward_sync_buffers: bool = True
@@ -59,12 +59,12 @@ def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, p
                      timeout_minutes: float = 30.0, loss_scale: LossScaleConfig | None = None) -> Accelerator:
     """An Accelerator that is one real group whenever WORLD_SIZE > 1, on GPUs or CPU-only.
 
-    `log_with`/`project_dir` select Accelerate's experiment tracker (issue 3); None adds none. Every
-    collective fails after `timeout_minutes` instead of the backend's own default (issue 14: NCCL's
-    watchdog and gloo disagree; a recipe states it once for both). `loss_scale` sets fp16's scalers (issue 13)."""
+    `log_with`/`project_dir` select Accelerate's experiment tracker; None adds none. Every
+    collective fails after `timeout_minutes` instead of the backend's own default (NCCL's
+    watchdog and gloo disagree; a recipe states it once for both). `loss_scale` sets fp16's scalers."""
     cpu = not torch.cuda.is_available()
     if cpu and "OMP_NUM_THREADS" not in os.environ:
-        # Issue 5: P processes on C cores do best with C/P threads each (measured: two 1-thread
+        # P processes on C cores do best with C/P threads each (measured: two 1-thread
         # processes 225 img/s combined vs 183 for one 2-thread process).
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
@@ -83,7 +83,7 @@ def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, p
 
 
 def make_worker_group(layout: WorkerLayout, rank: int, counter: CollectiveCounter):
-    """This rank's phase-2 worker group (issue 9), or None when a worker is one process. `new_group` must be
+    """This rank's phase-2 worker group, or None when a worker is one process. `new_group` must be
     called by every rank for every group in the same order, so all groups are made here, once, before phase 1."""
     if layout.processes_per_worker == 1:
         return None
@@ -114,8 +114,8 @@ def is_distributed(accelerator: Accelerator) -> bool:
 
 
 # What a collective does when a peer process is gone (gloo: "Connection closed by peer"): None raises as
-# usual; inside `peers_required` (issue 4) a callable that decides. (Phase 2 makes no collective at all, issue 14,
-# so no worker ever needs to carry on past a lost peer inside one.)
+# usual; inside `peers_required` a callable that decides. (Phase 2 makes no collective at all, so no
+# worker ever needs to carry on past a lost peer inside one.)
 _on_lost_peer = None
 
 
@@ -152,13 +152,13 @@ def all_reduce_sum(tensor: torch.Tensor, accelerator: Accelerator, group=None) -
 
 def all_true(flag: bool, accelerator: Accelerator, group=None) -> bool:
     """Whether `flag` holds on every process (of `group`): a decision no rank may take alone, e.g. stopping on
-    NaN before a checkpoint barrier (issue 14: a rank that stops alone leaves the others at the barrier)."""
+    NaN before a checkpoint barrier (a rank that stops alone leaves the others at the barrier)."""
     failed = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
     return all_reduce_sum(failed, accelerator, group).item() == 0
 
 
 def broadcast_object(obj, accelerator: Accelerator, group=None):
-    """`obj` as the first rank (of `group`) has it: one rank decides, e.g. where a resumed run starts (issue 14)."""
+    """`obj` as the first rank (of `group`) has it: one rank decides, e.g. where a resumed run starts."""
     if not is_distributed(accelerator):
         return obj
     box = [obj]
@@ -177,7 +177,7 @@ def gather_objects(obj, accelerator: Accelerator) -> list:
 
 def _float_state(module: torch.nn.Module) -> list[torch.Tensor]:
     # Parameters and every floating-point buffer: a non-BN float buffer (an EMA, a learned-schedule state) must
-    # not stay one worker's (issue 14); BN statistics are averaged too and then recomputed by phase 3.
+    # not stay one worker's; BN statistics are averaged too and then recomputed by phase 3.
     return [t for t in (*module.parameters(), *module.buffers()) if t.dtype.is_floating_point]
 
 
@@ -188,7 +188,7 @@ def flat_state(module: torch.nn.Module) -> torch.Tensor:
 
 def flat_state_of(tensors: dict[str, torch.Tensor], module: torch.nn.Module, device) -> torch.Tensor:
     """`flat_state` of a saved state dict (a checkpoint's weights), in `module`'s order, without loading it into
-    `module`: how a resumed worker rebuilds its running sum of samples (issue 11). A non-persistent buffer (e.g.
+    `module`: how a resumed worker rebuilds its running sum of samples. A non-persistent buffer (e.g.
     timm's swin attention masks) is in no state dict; it is a constant of the architecture, so `module`'s own."""
     named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.dtype.is_floating_point]
     return torch.cat([tensors.get(n, t.detach().cpu()).reshape(-1).to(device) for n, t in named])
@@ -208,11 +208,11 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
 @torch.no_grad()
 def average_workers_(module: torch.nn.Module, local_sum: torch.Tensor, workers: int, accelerator: Accelerator) -> int:
     """Set every floating-point parameter and buffer of `module` to the mean of the W workers' (paper Algorithm 1,
-    phase 3), or of their W x S cyclic samples (issue 11: `workers` is then the number of models, W x S).
+    phase 3), or of their W x S cyclic samples (`workers` is then the number of models, W x S).
 
     `local_sum` is the sum of the workers this process leads (`flat_state` of each; zeros on a group's
-    other members, so every worker counts once, each with equal weight, issue 9). One flattened all-reduce
-    instead of one per tensor: a constant number of collectives whatever the architecture (issue 5). With
+    other members, so every worker counts once, each with equal weight). One flattened all-reduce
+    instead of one per tensor: a constant number of collectives whatever the architecture. With
     one worker per process this is exactly the old (a + b) / 2. Returns the number of averaged values.
     """
     load_flat_state_(module, all_reduce_sum(local_sum, accelerator).div_(workers))

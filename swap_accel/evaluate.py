@@ -3,8 +3,8 @@
 The shared (phase-1 or averaged) model is evaluated in shards with Accelerate's prepared loader and
 `gather_for_metrics`, which drops the padding of the last uneven shard, so exactly len(test set)
 samples count. A phase-2 worker's model exists on one process only, so it is evaluated there over
-the whole test set with no communication (issue 2: "each worker's own model before averaging"); a worker
-that is a group of processes (issue 9) splits the test set among its members and sums inside its group.
+the whole test set with no communication ("each worker's own model before averaging"); a worker
+that is a group of processes splits the test set among its members and sums inside its group.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def evaluate_recalibrated(module: nn.Module, recipe, train_data: DataSource, tes
                           *, loader=None, group=None, member: int = 0, members: int = 1) -> float:
     """Test accuracy after the very BN recalibration phase 3 gives the averaged model (same samples, no
     augmentation), in a scratch copy: a worker or a baseline keeps its own statistics, and "after - before"
-    then measures averaging alone (issue 14). With `loader` the model is shared by all processes (a baseline);
+    then measures averaging alone. With `loader` the model is shared by all processes (a baseline);
     otherwise it is one worker's, on its process or its group, with no collective between workers."""
     scratch = copy.deepcopy(module)
     shard = None if loader is not None else (member, members)

@@ -1,4 +1,4 @@
-"""`swap_accel export RUN_DIR DIR [--push REPO_ID]`: the averaged model as timm users share models (issue 13).
+"""`swap_accel export RUN_DIR DIR [--push REPO_ID]`: the averaged model as timm users share models.
 
 timm's own hub helper (`save_for_hf`) writes `config.json` (architecture, num_classes, the constructor
 arguments, the preprocessing the run was evaluated with, label names) and `model.safetensors`, the folder layout

@@ -1,4 +1,4 @@
-"""The paper's Figure 1 for one run, drawn from its own `results.json` (issue 3).
+"""The paper's Figure 1 for one run, drawn from its own `results.json`.
 
 Learning-rate schedules of both phases on the left axis; on the right the test accuracy of the
 shared phase-1 model, of every phase-2 worker and of the averaged model (the accuracy phase 3
@@ -52,7 +52,7 @@ def draw(results: dict) -> Figure:
     if p2:
         xs, ys = _lr_curve(recipe["phase2"]["lr"], p2["epochs"], p2["epochs"], p2["steps_per_worker"], e1)
         lr_ax.plot(xs, ys, color="0.55", lw=1.2, ls="--")
-        # (epoch, accuracy) of each worker at its logging points; workers trained in turn (issue 9) share epochs.
+        # (epoch, accuracy) of each worker at its logging points; workers trained in turn share epochs.
         logged: dict[int, list] = {}
         for h in p2.get("workers_history", []):
             if h["test_acc"] is not None:

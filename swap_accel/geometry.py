@@ -1,4 +1,4 @@
-"""Geometry of weight space for studying SWAP (issue 12): the plane through three models (paper section 4,
+"""Geometry of weight space for studying SWAP: the plane through three models (paper section 4,
 Figures 2-3) and the cosine between a worker's descent direction and the direction to the average (section 4.2,
 Figure 4). Pure functions of flat float64 parameter vectors, shared by `landscape` and `cosine`.
 """

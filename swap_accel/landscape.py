@@ -1,5 +1,5 @@
 """`swap_accel landscape RUN_DIR`: train and test error on the plane through three models (paper section 4,
-Figures 2 and 3; issue 12).
+Figures 2 and 3).
 
 Section 4 looks at the plane that contains three models θ1, θ2, θ3 of one run: the large-batch model at the end of
 phase 1 (LB), the workers (W0, W1, ...) and their average (SWAP). Its basis is orthonormal, u along θ2 - θ1 and v

@@ -1,4 +1,4 @@
-"""Who is still alive, without a collective (issue 14: fault handling that holds on NCCL, not only gloo).
+"""Who is still alive, without a collective: fault handling that holds on NCCL, not only gloo.
 
 Phase 2 makes no collective at all, so a worker never waits for another there. Phase 3 must meet all of
 them, and a collective with a dead peer does not fail on NCCL: it blocks until the watchdog kills the

@@ -76,7 +76,7 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def resnet9(pretrained: bool = False, **kwargs) -> ResNet9:
     # Weights exist only where a pretrained_cfg names a source: a `swap_accel export` folder loaded with
-    # timm.create_model('local-dir:DIR' or 'hf-hub:ID', pretrained=True) (issue 13).
+    # timm.create_model('local-dir:DIR' or 'hf-hub:ID', pretrained=True).
     cfg = kwargs.get("pretrained_cfg") or {}
     cfg = cfg if isinstance(cfg, dict) else cfg.to_dict() if hasattr(cfg, "to_dict") else {"tag": cfg}
     source = {**cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}  # timm's way to name a local weights file
@@ -98,7 +98,7 @@ def check_model_name(name: str) -> None:
 def build_model(name: str, *, in_chans: int, num_classes: int, kwargs: dict | None = None,
                 image_size: tuple[int, int] | None = None) -> nn.Module:
     """`image_size` (the data's H, W): a model whose timm config fixes its input size (ViT-style `img_size`) is built
-    for the data's size instead of its default (issue 13), unless model.kwargs sets img_size itself."""
+    for the data's size instead of its default, unless model.kwargs sets img_size itself."""
     check_model_name(name)
     kwargs = dict(kwargs or {})
     cfg = get_pretrained_cfg(name)
@@ -114,7 +114,7 @@ def build_model(name: str, *, in_chans: int, num_classes: int, kwargs: dict | No
 
 def check_model_input(name: str, kwargs: dict, *, in_chans: int, num_classes: int, image_size: tuple[int, int]) -> None:
     """One forward on the meta device (no memory, no compute): a model that cannot take the data's images
-    fails before any process group starts instead of at its first step (issue 4)."""
+    fails before any process group starts instead of at its first step."""
     try:
         with torch.device("meta"):
             build_model(name, in_chans=in_chans, num_classes=num_classes, kwargs=kwargs, image_size=image_size).eval()(

@@ -1,8 +1,8 @@
-"""What happens at a logging point (the end of an epoch), for both training phases (issue 3).
+"""What happens at a logging point (the end of an epoch), for both training phases.
 
 The phase loops call `log(row)` once per epoch and `log.steps(...)` around their batches; this is
 that `log`. At a logging point it evaluates test accuracy when due. Phase 1's numbers are already
-all-reduced and go to the tracker at once. Phase 2 makes no collective for monitoring (issue 14: a
+all-reduced and go to the tracker at once. Phase 2 makes no collective for monitoring (a
 worker never waits for another, which on NCCL would also make a dead peer hang everyone): each worker's
 leader appends its row to `RUN_DIR/monitor/worker<k>.jsonl`, only when a tracker consumes it, and the
 main process logs whatever rows have arrived at its own logging points and once more after phase 2.
@@ -48,7 +48,7 @@ class Monitor:
     test_loader: object
     progress: Progress
     layout: WorkerLayout | None = None
-    group: object = None  # this process's worker group (issue 9), None when a worker is one process
+    group: object = None  # this process's worker group, None when a worker is one process
     run_dir: Path | None = None
     phase1_steps: int = 0
     steps_before: int = 0  # phase-2 steps of this process's earlier workers (W > P), for rising tracker steps

@@ -1,4 +1,4 @@
-"""The gradient noise scale B_simple during phase 1 (issue 12), a guide to the phase-1 batch size.
+"""The gradient noise scale B_simple during phase 1, a guide to the phase-1 batch size.
 
 McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", appendix A.1): B_simple = tr(Σ) / |G|²,
 with G the true gradient and Σ the per-sample gradient covariance. Two unbiased estimates come free from

@@ -37,7 +37,7 @@ class Phase1Result:
     train_acc: float = 0.0
     train_loss: float = 0.0
     reached_tau: bool = False
-    loss_scale: dict | None = None  # fp16: the final scale, skipped steps and growths (issue 13)
+    loss_scale: dict | None = None  # fp16: the final scale, skipped steps and growths
     history: list[dict] = field(default_factory=list)
 
 
@@ -47,10 +47,10 @@ class TrainingDiverged(RuntimeError):
 
 def require_finite(module: torch.nn.Module, where: str, ckpt: Checkpointer, totals: torch.Tensor | None = None,
                    agree=bool) -> None:
-    """Never checkpoint diverged weights over good ones (issue 4): one host sync, only when a checkpoint is due.
+    """Never checkpoint diverged weights over good ones: one host sync, only when a checkpoint is due.
 
-    `agree(finite)` makes the decision shared by every process that will meet at the checkpoint's barrier
-    (issue 14): BN statistics differ per rank, so one rank may see a NaN the others do not, and a rank that
+    `agree(finite)` makes the decision shared by every process that will meet at the checkpoint's barrier:
+    BN statistics differ per rank, so one rank may see a NaN the others do not, and a rank that
     stopped alone would leave them waiting there."""
     # Parameters and BN running statistics: NaN statistics would poison evaluation and phase 3 just the same.
     tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
@@ -64,7 +64,7 @@ def require_finite(module: torch.nn.Module, where: str, ckpt: Checkpointer, tota
 
 
 def warn_ghost_batchnorm(recipe, module: torch.nn.Module, num_processes: int, accelerator: Accelerator) -> None:
-    """Issue 14: micro-batches are not only a speed knob. BatchNorm normalises over each micro-batch, so a
+    """Micro-batches are not only a speed knob. BatchNorm normalises over each micro-batch, so a
     "large-batch" phase 1 with micro-batches of 128 gets small-batch BN noise (ghost BatchNorm)."""
     per_process = recipe.phase1.global_batch_size // num_processes
     micro = recipe.phase1.micro_batch_size
@@ -76,7 +76,8 @@ def warn_ghost_batchnorm(recipe, module: torch.nn.Module, num_processes: int, ac
 
 def log_off_clock(log, row: dict) -> float:
     """Run the epoch-end logging point; return its seconds, which the loops add to their start time: Table 1
-    times leave out issue 3's monitoring, and so do the seconds a checkpoint stores and a resume continues."""
+    times leave out the monitoring at logging points, and so do the seconds a checkpoint stores and a resume
+    continues."""
     logged = time.perf_counter()
     log(row)
     return time.perf_counter() - logged
@@ -109,7 +110,7 @@ def train_phase1(
     loss_scale = LossScale(accelerator.scaler, accelerate_steps=True)
     result = Phase1Result()
     first_epoch, resumed_done, resumed_totals = 0, 0, None
-    if resume is not None:  # issue 4: continue exactly where the checkpoint stopped
+    if resume is not None:  # continue exactly where the checkpoint stopped
         restore_optimizer(resume, accelerator.unwrap_model(model), optimizer, loss_scale)
         first_epoch, resumed_done, resumed_totals = restore_loop(
             resume, f"rank{rank}.pt", result, augment_gen, accelerator.device)
@@ -174,10 +175,11 @@ def train_phase1(
         lr = lr_at(result.steps - 1)
         row = {"phase": 1, "epoch": result.epochs, "step": result.steps, "lr": lr, "train_loss": result.train_loss,
                "train_acc": result.train_acc, "images_per_s": count / seconds, "seconds": seconds}
-        if noise is not None:  # issue 12: B_simple as a guide to the phase-1 batch size
+        if noise is not None:  # B_simple as a guide to the phase-1 batch size
             row["noise_scale"] = noise.epoch_estimate(noise_sums, noise_steps, p, cfg.global_batch_size)
         result.history.append(row)
-        # Issue 12's transition search: the weights phase 2 would start from, had τ been each candidate crossed.
+        # The transition search (`swap_accel transition`): the weights phase 2 would start from, had τ been each
+        # candidate crossed.
         # Off the clock like monitoring: writing them is the search's cost, not phase 1's for a higher τ.
         # Only at the epoch that first reaches each candidate (the history holds the epochs before, resumed ones too).
         reached = [c for c in cfg.save_at_train_accuracy

@@ -1,6 +1,6 @@
 """Phase 2: one worker refines its own copy, small batch, lower LR, own order (paper section 3).
 
-A worker is one process, or a group of processes (issue 9). A one-process worker trains the *unwrapped*
+A worker is one process, or a group of processes. A one-process worker trains the *unwrapped*
 module with a fresh optimizer: the phase-1 DDP wrapper is bypassed, so no gradient all-reduce happens
 and no BN buffers are broadcast (inside `no_sync` DDP's forward still broadcasts buffers from rank 0,
 measured; `no_sync` alone is not enough). A group trains data-parallel on its own process group: its
@@ -41,7 +41,7 @@ class Phase2Result:
     train_loss: float = 0.0
     samples_per_epoch: list[int] = field(default_factory=list)
     order_digests: list[str] = field(default_factory=list)
-    loss_scale: dict | None = None  # fp16: the final scale, skipped steps and growths (issue 13)
+    loss_scale: dict | None = None  # fp16: the final scale, skipped steps and growths
     history: list[dict] = field(default_factory=list)
 
 
@@ -86,8 +86,8 @@ def train_phase2(
 ) -> Phase2Result:
     """Train worker `worker` from the weights in `module`. `model` is `module` itself, or its data-parallel
     wrapper on the worker's `group` of `members` processes, of which this one is `member`. `samples` takes the
-    models at the ends of the sampled LR cycles into its running sum (issue 11)."""
-    # fp16: a scaler per worker, as every optimizer needs its own (issue 13); None otherwise.
+    models at the ends of the sampled LR cycles into its running sum (paper section 5.3)."""
+    # fp16: a scaler per worker, as every optimizer needs its own; None otherwise.
     loss_scale = LossScale(new_scaler(accelerator))
     optimizer = make_sgd(module, opt_cfg, cfg.lr.peak, fp16=loss_scale.scaler is not None)
     order_of = lambda epoch: worker_order(source.num_samples, seed=seed, worker=worker, epoch=epoch)  # noqa: E731
@@ -104,7 +104,7 @@ def train_phase2(
     random.seed(_member_seed(seed, WORKER_RNG, worker, member=member))  # timm's streaming transforms use it
     result = Phase2Result()
     first_epoch, resumed_done, resumed_totals = 0, 0, None
-    if resume is not None:  # issue 4: continue exactly where this worker's checkpoint stopped
+    if resume is not None:  # continue exactly where this worker's checkpoint stopped
         restore_optimizer(resume, module, optimizer, loss_scale)
         first_epoch, resumed_done, resumed_totals = restore_loop(
             resume, f"member{member}.pt", result, augment_gen, accelerator.device)

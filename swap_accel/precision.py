@@ -1,4 +1,4 @@
-"""fp16 loss scaling (issue 13): Accelerate's gradient scaler for phase 1, one of its own per phase-2 worker.
+"""fp16 loss scaling: Accelerate's gradient scaler for phase 1, one of its own per phase-2 worker.
 
 fp16 gradients underflow without loss scaling, so every optimizer gets a `torch.amp.GradScaler`: phase 1's is
 Accelerate's (its `backward` scales the loss, its prepared optimizer unscales, skips a step whose gradients hold

@@ -1,4 +1,4 @@
-"""Console output: a live progress bar on the main process, one line per epoch, quiet elsewhere (issue 3).
+"""Console output: a live progress bar on the main process, one line per epoch, quiet elsewhere.
 In phase 2 the lines are the main process's own worker's; every worker's final numbers follow in the table.
 
 On a terminal the main process shows a rich progress bar (phase, epoch/total, step, ETA) under the

@@ -23,7 +23,7 @@ class RecipeError(ValueError):
 
 
 class Strict(BaseModel):
-    # allow_inf_nan=False (issue 13): `.inf`/`nan` for a learning rate or weight decay is a one-line error.
+    # allow_inf_nan=False: `.inf`/`nan` for a learning rate or weight decay is a one-line error.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
@@ -51,7 +51,7 @@ class DataConfig(Strict):
     image_size: int | None = Field(None, gt=0)
     train_subset: int | None = Field(None, gt=0)
     test_subset: int | None = Field(None, gt=0)
-    # Held-out images carved from the training split and never trained on (issue 12's transition search picks τ
+    # Held-out images carved from the training split and never trained on (`swap_accel transition` picks τ
     # on them, never on the test set). Here, not under `eval`, so that every loader of the training split
     # leaves them out by construction: the last N of the same seed-0 permutation train_subset takes first from.
     holdout_samples: int | None = Field(None, gt=0)
@@ -120,7 +120,7 @@ class Phase1Config(Strict):
     max_epochs: int = Field(gt=0)
     # τ: leave phase 1 once the all-reduced training accuracy of the last epoch reaches it.
     stop_train_accuracy: float | None = Field(None, gt=0, le=1)
-    # Issue 12: also keep phase 1's state at the end of the epoch whose training accuracy first reaches each of
+    # Also keep phase 1's state at the end of the epoch whose training accuracy first reaches each of
     # these (checkpoints/p1-tau<τ>), to start phase 2 from several transition points of one phase-1 run.
     save_at_train_accuracy: list[float] = []
     lr: LRConfig
@@ -135,7 +135,7 @@ class Phase1Config(Strict):
 
 
 class Phase2Config(Strict):
-    """Independent small-batch refinement of W workers, no communication between workers (issue 9)."""
+    """Independent small-batch refinement of W workers, no communication between workers."""
 
     # W; None: one worker per process. A divisor of P makes groups of P/W processes per worker (the
     # paper's ImageNet run, 2 x 8 GPUs); a multiple of P trains W/P workers in turn on each process.
@@ -144,7 +144,7 @@ class Phase2Config(Strict):
     per_worker_batch_size: int = Field(gt=0)
     epochs: int = Field(gt=0)
     lr: LRConfig
-    # Issue 11 (paper Table 4, "SWAP 40 small-batch epochs"): each worker contributes the models at the ends of
+    # Paper section 5.3 (Table 4, "SWAP 40 small-batch epochs"): each worker contributes the models at the ends of
     # its last S learning-rate cycles (phase2.lr.cycles), and phase 3 averages all W x S with equal weight.
     samples_per_worker: PositiveInt = 1
 
@@ -163,7 +163,7 @@ class EvalConfig(Strict):
 
 
 class CheckpointConfig(Strict):
-    """Periodic checkpoints in phases 1 and 2 (issue 4); the end of each phase is always checkpointed."""
+    """Periodic checkpoints in phases 1 and 2; the end of each phase is always checkpointed."""
 
     every_steps: int | None = Field(None, gt=0)
     every_minutes: float | None = Field(15.0, gt=0)
@@ -172,7 +172,7 @@ class CheckpointConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    """Experiment tracking through Accelerate's trackers, and the evaluation points it shows (issue 3)."""
+    """Experiment tracking through Accelerate's trackers, and the evaluation points it shows."""
 
     backend: Literal["wandb", "tensorboard", "none"] = "none"
     project: str = "swap_accel"
@@ -208,7 +208,7 @@ class LossScaleConfig(Strict):
 class Phase3Config(Strict):
     """Averaging the workers (paper Algorithm 1, phase 3)."""
 
-    # uniform: every worker with equal weight (the paper). greedy: a greedy soup (issue 11, soup.py) chosen on
+    # uniform: every worker with equal weight (the paper). greedy: a greedy soup (soup.py) chosen on
     # data.holdout_samples held-out training images: a worker joins only if the average does not get worse.
     selection: Literal["uniform", "greedy"] = "uniform"
     # greedy: keep a worker whose average is at most this much (a fraction: 0.003 = 0.3 points) below the best
@@ -221,11 +221,11 @@ class Recipe(Strict):
     name: str = "swap"
     # swap: the paper's three phases. sgd: phase 1 alone for its whole budget (the small- and large-batch
     # baselines). swa: phase 1 (to τ if set, else its whole budget), then ONE data-parallel model over every
-    # process takes phase 2's cyclic-LR samples, averaged as phase 3 does: Table 4's SWA rows (issue 11).
+    # process takes phase 2's cyclic-LR samples, averaged as phase 3 does: Table 4's SWA rows (paper section 5.3).
     mode: Literal["swap", "sgd", "swa"] = "swap"
     seed: int = 0
     output_dir: Path | None = None
-    # fp16 scales the loss: Accelerate's scaler in phase 1, one per phase-2 worker (precision.py, issue 13).
+    # fp16 scales the loss: Accelerate's scaler in phase 1, one per phase-2 worker (precision.py).
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     loss_scale: LossScaleConfig = LossScaleConfig()
     model: ModelConfig = ModelConfig()
@@ -240,7 +240,7 @@ class Recipe(Strict):
     # Start phase 2 from another run's phase 1 (its run dir or one of its checkpoints/p1-* dirs), so phase-2
     # settings and transition points can be tried without repeating phase 1 (the paper grid-searched it).
     from_phase1: Path | None = None
-    # Any collective that waits longer fails (issue 14), on gloo and NCCL alike. Phase 2 makes none, and processes
+    # Any collective that waits longer fails, on gloo and NCCL alike. Phase 2 makes none, and processes
     # meet phase 3 through the run directory, so this bounds phase 1's and phase 3's steps, not the workers' skew.
     collective_timeout_minutes: float = Field(30.0, gt=0)
 
@@ -268,7 +268,7 @@ class Recipe(Strict):
             raise ValueError(f"phase2.workers={self.phase2.workers} trains no worker; leave it unset for one worker "
                              "per process, or set 1 or more")
         if self.phase1.lr.cycles > 1:
-            raise ValueError("phase1.lr.cycles: cyclic learning rates are phase 2's (its samples, issue 11); phase 1 "
+            raise ValueError("phase1.lr.cycles: cyclic learning rates are phase 2's (its samples); phase 1 "
                              "stops at τ; remove it, or use mode: swa for cyclic samples of one model")
         for key in ("cycle_shape", "swa_lr"):
             if getattr(self.phase1.lr, key) is not None:
@@ -330,7 +330,7 @@ class Recipe(Strict):
         return self.mode != "sgd"
 
     def check_data(self, train_samples: int) -> None:
-        """Checks that need the training-set size (issue 13); run before any process group forms."""
+        """Checks that need the training-set size; run before any process group forms."""
         for key, value in (("phase1.global_batch_size", self.phase1.global_batch_size),
                            ("phase2.per_worker_batch_size", self.phase2 and self.phase2.per_worker_batch_size),
                            ("eval.bn_samples", self.eval.bn_samples)):
@@ -458,7 +458,7 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 def _drop_foreign_kwargs(raw: dict, written: dict, overrides: list[str]) -> str | None:
     """model.kwargs belong to the recipe's model (the quickstart's `base_width` is ResNet-9's): `--set model.name=X`
-    without `--set model.kwargs...` builds X with its own defaults instead of passing them on (issue 13)."""
+    without `--set model.kwargs...` builds X with its own defaults instead of passing them on."""
     keys = [a.split("=", 1)[0].strip() for a in overrides]
     name = (raw.get("model") or {}).get("name")
     if "model.name" in keys and name != written.get("name", "resnet9") and written.get("kwargs") \

@@ -28,7 +28,7 @@ def _mean_std(values: list[float]) -> dict:
 def averaging_summary(worker_accs: list[float], final_acc: float, counted: int,
                       worker_accs_bn: list[float] | None = None) -> dict:
     """Table 1's SWAP rows: the workers before averaging (mean, std), also after the same BN recalibration as the
-    averaged model (issue 14: the gain of averaging alone is after - before_bn), and the averaged model after."""
+    averaged model (the gain of averaging alone is after - before_bn), and the averaged model after."""
     summary = {"before_averaging": _mean_std(worker_accs),
                "after_averaging": {"test_acc": final_acc, "samples": counted}, "test_acc": final_acc}
     if worker_accs_bn:
@@ -75,7 +75,7 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
         acc = results[key]
         return (label, f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}", f"{measured:.1f}", f"{parallel:.1f}", steps)
 
-    method = "SWA" if results["mode"] == "swa" else "SWAP"  # issue 11: Table 4's SWA rows, same columns
+    method = "SWA" if results["mode"] == "swa" else "SWAP"  # Table 4's SWA rows, same columns
     rows = [before("before_averaging", f"{method} (before averaging)")]
     if results.get("before_averaging_bn"):
         rows.append(before("before_averaging_bn", f"{method} (before averaging, BN recomputed)"))

@@ -1,14 +1,14 @@
-"""Never lose a run (issue 4): which checkpoints to write when, and where a re-run starts.
+"""Never lose a run: which checkpoints to write when, and where a re-run starts.
 
 Layout under RUN_DIR/checkpoints/ (periodic names sort by step):
   p1-step00000040/     phase 1 every N steps/minutes: model.safetensors, optimizer.pt and with fp16 scaler.pt
                        (identical on every rank after the gradient all-reduce, so rank 0's), rank<r>.pt (each rank's
                        augmentation generator, global RNG and partial epoch sums)
   p1-end/              phase 1 finished: the weights phase 2 starts from (`--from-phase1` reads these)
-  p2-w<k>-step.../     worker k in phase 2 (issue 9: k is the worker, not the rank): model.safetensors and
+  p2-w<k>-step.../     worker k in phase 2 (k is the worker, not the rank): model.safetensors and
                        optimizer.pt from its group's leader, member<j>.pt from each of its processes
   p2-w<k>-end/         worker k finished phase 2: its weights, test accuracy and phase summaries
-  p2-w<k>-sample<s>/   issue 11: worker k's model at the end of its s-th sampled LR cycle (the last is p2-w<k>-end)
+  p2-w<k>-sample<s>/   worker k's model at the end of its s-th sampled LR cycle (the last is p2-w<k>-end)
 Re-running the same command resumes each part from its newest good checkpoint. Sample orders are pure
 functions of (seed, rank/worker, epoch) (sampling.py) and every other source of randomness is saved, so a
 resumed run computes bit for bit what the uninterrupted one would have (tests/test_resume.py).
@@ -58,7 +58,7 @@ def step_dirs(root: Path, prefix: str) -> list[Path]:
 
 
 def newest_good(candidates: list[Path], warn) -> Path | None:
-    """The first candidate that verifies; a torn or damaged one is reported and skipped (issue 4)."""
+    """The first candidate that verifies; a torn or damaged one is reported and skipped."""
     for path in candidates:
         try:
             verify_checkpoint(path)
@@ -148,7 +148,7 @@ class Start:
 
 @dataclasses.dataclass
 class WorkerStart:
-    """Where one phase-2 worker starts (issue 9: per worker, not per rank)."""
+    """Where one phase-2 worker starts (per worker, not per rank)."""
 
     end: Path | None = None  # this worker finished phase 2
     step: Path | None = None  # else resume its phase 2 here
@@ -166,7 +166,7 @@ class WorkerStart:
 
 
 def find_start(run_dir: Path, recipe: Recipe) -> Start:
-    """Where phase 1 starts. The main process decides and broadcasts it (train.py, issue 14): a rank whose view of
+    """Where phase 1 starts. The main process decides and broadcasts it (train.py): a rank whose view of
     the shared directory lags must not pick another step and leave the collectives unmatched."""
     root = run_dir / ROOT
     start = Start(phase1_end=newest_good([root / "p1-end"] if (root / "p1-end").exists() else [], _warn))
@@ -291,7 +291,7 @@ class Checkpointer:
         return staging
 
     def _save_optimizer(self, staging: Path, module, optimizer, loss_scale: LossScale) -> list[str]:
-        """The weights, the optimizer and, with fp16, its loss scaler (issue 13): the state every rank shares."""
+        """The weights, the optimizer and, with fp16, its loss scaler: the state every rank shares."""
         save_weights(staging / "model.safetensors", module)
         write_state(staging / "optimizer.pt", optimizer.state_dict())
         if loss_scale.scaler is None:

@@ -1,4 +1,4 @@
-"""The run directory before and after a run (issue 4, issue 14): checked before any process group forms, and
+"""The run directory before and after a run: checked before any process group forms, and
 cleared by `--overwrite`.
 """
 
@@ -26,7 +26,7 @@ OUTPUTS = ("results.json", "model.safetensors", "figure1.png", "recipe.yaml", "w
 
 def discard_outputs(run_dir: Path) -> None:
     """`--overwrite`: start over (the main process, before anyone reads checkpoints). All old outputs go, not only
-    the checkpoints (issue 14): an interrupted overwrite is then an unfinished run of the new recipe, which the
+    the checkpoints: an interrupted overwrite is then an unfinished run of the new recipe, which the
     same command resumes, instead of a "finished" old run whose advice (--overwrite) deletes the new checkpoints."""
     for name in OUTPUTS:
         path = run_dir / name

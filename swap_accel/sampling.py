@@ -24,7 +24,7 @@ def _permutation(n: int, seed: int) -> torch.Tensor:
 # Purposes keep the streams of different uses independent.
 PHASE1, PHASE2, BN, AUGMENT = 1, 2, 3, 4
 # The global RNG (dropout, drop-path) of a phase-2 worker: its own stream, and the same whether phase 1
-# ran in this process or came from a checkpoint (issue 4).
+# ran in this process or came from a checkpoint.
 WORKER_RNG = 5
 
 

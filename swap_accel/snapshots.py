@@ -1,4 +1,4 @@
-"""Several samples per worker (issue 11; paper section 5.3, Table 4): the models at the ends of a worker's last S
+"""Several samples per worker (paper section 5.3, Table 4): the models at the ends of a worker's last S
 learning-rate cycles, kept as one running sum.
 
 `phase2.lr.cycles` cuts phase 2 into equal cycles, each a whole schedule (schedules.py). At the end of each of the

@@ -1,4 +1,4 @@
-"""Greedy soup of workers (issue 11; Wortsman et al. 2022, "Model soups", the greedy recipe), with phase 3's exact
+"""Greedy soup of workers (Wortsman et al. 2022, "Model soups", the greedy recipe), with phase 3's exact
 BatchNorm recomputation for every candidate average and its evaluation spread over all processes.
 
 Phase 3 averages every worker with equal weight, so one worker that went wrong (a diverging learning rate, a bad

@@ -1,4 +1,4 @@
-"""Which process trains which phase-2 worker (issue 9): a worker is not a process.
+"""Which process trains which phase-2 worker: a worker is not a process.
 
 W workers on P processes, three layouts through one rule set:
 - W = P: one worker per process (the paper's CIFAR runs, 8 workers on 8 GPUs).

@@ -1,4 +1,4 @@
-"""Experiment tracking through Accelerate's trackers (issue 3): W&B, TensorBoard or none.
+"""Experiment tracking through Accelerate's trackers: W&B, TensorBoard or none.
 
 Accelerate owns the trackers (`log_with`, `init_trackers`, `accelerator.log`, `get_tracker`); this
 module only decides what goes into them: the run config, phase-keyed metric names, the end-of-run
@@ -51,7 +51,7 @@ def _has_wandb_credentials() -> bool:
 
 
 def _wandb_mode(cfg: TrackingConfig, accelerator: Accelerator) -> str | None:
-    """Issue 3: with no credentials the run goes offline by itself and says so once (main process)."""
+    """With no credentials the run goes offline by itself and says so once (main process)."""
     if cfg.mode or os.environ.get("WANDB_MODE"):
         return cfg.mode  # an explicit choice (recipe, else WANDB_MODE, which wandb reads itself)
     if _has_wandb_credentials():
@@ -72,7 +72,7 @@ def _versions() -> dict[str, str]:
 
 
 def run_config(recipe: Recipe, accelerator: Accelerator) -> dict:
-    """Issue 3: the resolved recipe, package versions, process count and hardware are the run config."""
+    """The resolved recipe, package versions, process count and hardware are the run config."""
     hardware = {"device": str(accelerator.device), "platform": platform.platform(), "cpus": os.cpu_count(),
                 "threads_per_process": torch.get_num_threads(),
                 "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
@@ -102,7 +102,7 @@ def start(accelerator: Accelerator, recipe: Recipe, run_dir: Path) -> None:
                 "dir": str(run_dir), "mode": _wandb_mode(cfg, accelerator)}
         accelerator.init_trackers(cfg.project, config=config,
                                   init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
-        # Each phase-2 worker's series on its own x-axis (log_series, issue 14), defined once per run.
+        # Each phase-2 worker's series on its own x-axis (log_series), defined once per run.
         run = accelerator.get_tracker("wandb", unwrap=True)
         workers = recipe.worker_layout(accelerator.num_processes).workers if recipe.phase2_runs else 0
         for k in range(workers):
@@ -125,7 +125,7 @@ def _uses_wandb(accelerator: Accelerator) -> bool:
 
 
 def log_series(accelerator: Accelerator, values: dict, prefix: str, x: int) -> None:
-    """Rows of one series that arrive out of order with the others (a phase-2 worker's, issue 14), plotted against
+    """Rows of one series that arrive out of order with the others (a phase-2 worker's), plotted against
     their own step `x`: W&B gets `<prefix>/step` as the series' x-axis (define_metric), TensorBoard the step."""
     values = {k: v for k, v in values.items() if v is not None}
     if not accelerator.is_main_process:
@@ -137,7 +137,7 @@ def log_series(accelerator: Accelerator, values: dict, prefix: str, x: int) -> N
 
 
 def finish(accelerator: Accelerator, recipe: Recipe, results: dict, rows: list[tuple], figure_png: Path) -> None:
-    """End of run: summary, the Table 1 rows as a table, Figure 1 as an image (issue 3)."""
+    """End of run: summary, the Table 1 rows as a table, Figure 1 as an image."""
     backend = recipe.tracking.backend
     if backend == "none" or not accelerator.is_main_process:
         return

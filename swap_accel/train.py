@@ -2,11 +2,11 @@
 
 Phase 1 trains one data-parallel model with a large batch until the training accuracy reaches τ;
 phase 2 lets W workers refine their own copies with no communication between them (a worker is a
-process, a group of processes, or one of several trained in turn on a process: issue 9); phase 3
+process, a group of processes, or one of several trained in turn on a process); phase 3
 averages the workers' weights, recomputes BatchNorm statistics and evaluates. `mode: sgd` stops after phase 1
 with the full epoch budget: the paper's small- and large-batch baselines through the same code. `mode: swa` is
-Table 4's SWA through the same code too (issue 11): phase 2 with one worker, data-parallel over every process, whose
-cyclic-LR samples phase 3 averages.
+Table 4's SWA (paper section 5.3) through the same code too: phase 2 with one worker, data-parallel over every
+process, whose cyclic-LR samples phase 3 averages.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from .snapshots import model_name
 from .soup import finished_sample_states, greedy_phase3
 from .workers import gathered_rows, run_workers
 
-# averaged_curve is issue 3's opt-in Figure-1 curve, counted apart so phase 2 itself stays at zero; phase2_in_group
-# counts a worker group's own data-parallel collectives (issue 9), never crossing workers.
+# averaged_curve is the opt-in Figure-1 curve of the averaged model, counted apart so phase 2 itself stays at
+# zero; phase2_in_group counts a worker group's own data-parallel collectives, never crossing workers.
 PHASES = ("setup", "phase1", "phase2", "phase2_in_group", "averaged_curve", "phase3", "evaluation", "report")
 
 
@@ -66,7 +66,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     counter = CollectiveCounter().install()
     rank, world = accelerator.process_index, accelerator.num_processes
     layout = recipe.worker_layout(world) if recipe.phase2_runs else None
-    # Worker groups exist before phase 1, made once and identically on every rank (issue 9).
+    # Worker groups exist before phase 1, made once and identically on every rank.
     group = make_worker_group(layout, rank, counter) if layout else None
     set_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     if fresh:
         accelerator.wait_for_everyone()  # nobody looks for checkpoints to resume before they are gone
     # Phase 3 meets every process; before it, they wait for each other on the run directory, not in a
-    # collective that would hang on a dead peer (issue 14, liveness.py). Started before any collective below.
+    # collective that would hang on a dead peer (liveness.py). Started before any collective below.
     heartbeat = Heartbeat(run_dir, rank) if layout else None
 
     train_data = load_data(recipe.data, accelerator.device, split="train")
@@ -91,13 +91,13 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         module.compile()  # nn.Module.compile: DDP, phase 2, BN recalibration and evaluation all use it
     model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, recipe.phase1.lr.peak,
                                                                    fp16=recipe.mixed_precision == "fp16"))
-    # Phase 1's comm hook also measures the gradient noise scale (issue 12). Not with fp16: its gradients carry
+    # Phase 1's comm hook also measures the gradient noise scale. Not with fp16: its gradients carry
     # the loss scale, which changes at skips and growths, and overflow to inf.
     noise = None if recipe.mixed_precision == "fp16" else GradientNoise.attach(model)
     if noise is None:
         counter.watch_ddp(model)
     test_loader = accelerator.prepare(test_data.eval_loader(recipe.eval.batch_size))
-    # Issue 12: a held-out split of the training data, for choices that must not look at the test set.
+    # A held-out split of the training data, for choices that must not look at the test set.
     holdout_loader = None if recipe.data.holdout_samples is None else accelerator.prepare(
         load_data(recipe.data, accelerator.device, split="holdout").eval_loader(recipe.eval.batch_size))
     module = accelerator.unwrap_model(model)
@@ -112,9 +112,9 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         flush=True,
     )
     warn_ghost_batchnorm(recipe, module, world, accelerator)
-    # Issue 4: re-running the same command continues from the newest good checkpoint of each part.
+    # Re-running the same command continues from the newest good checkpoint of each part.
     ckpt = Checkpointer(run_dir, recipe, accelerator)
-    # Rank 0 decides where the run resumes and tells the others (issue 14): every rank starts at the same step.
+    # Rank 0 decides where the run resumes and tells the others: every rank starts at the same step.
     start = broadcast_object(find_start(run_dir, recipe) if accelerator.is_main_process else None, accelerator)
 
     # Phase 1: synchronized large-batch training to τ.
@@ -140,7 +140,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
     if p1_test_acc is None:
         with counter.phase("evaluation"):
             p1_test_acc, _ = evaluate_shared(module, test_loader, accelerator)
-    if recipe.mode == "sgd":  # the baselines also after phase 3's BN recalibration (issue 14)
+    if recipe.mode == "sgd":  # the baselines also after phase 3's BN recalibration
         with counter.phase("evaluation"):
             p1_test_acc_bn = evaluate_recalibrated(module, recipe, train_data, test_data, accelerator,
                                                    loader=test_loader)
@@ -153,7 +153,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                       flush=True)
     results = {
         **run_header(recipe, accelerator, recipe.mode),
-        # Table 1 times exclude issue 3's monitoring at logging points (reported as monitoring_seconds).
+        # Table 1 times exclude the monitoring at logging points (reported as monitoring_seconds).
         "phase1": {"epochs": p1.epochs, "steps": p1.steps, "seconds": p1.seconds,
                    "monitoring_seconds": log.seconds["phase1"], "train_acc": p1.train_acc,
                    "train_loss": p1.train_loss, "reached_tau": p1.reached_tau, "test_acc": p1_test_acc,
@@ -196,12 +196,12 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         p3_wait = p3_start - wait_start
         with counter.phase("phase3"), peers_required(lambda: str(lost("one is gone"))):
             models = [model_name(k, s) for k in range(layout.workers) for s in range(recipe.phase2.samples_per_worker)]
-            if recipe.phase3.selection == "greedy":  # issue 11: a model joins only if it does not hurt held-out
+            if recipe.phase3.selection == "greedy":  # a model joins only if it does not hurt held-out
                 states = finished_sample_states(run_dir, layout.workers, recipe.phase2.samples_per_worker, module,
                                                 accelerator.device)
                 selection, bn = greedy_phase3(module, states, recipe, train_data, holdout_loader, accelerator)
                 averaged = states[0].numel()
-            else:  # every worker's every sample with weight 1 / (W x S) (issue 11)
+            else:  # every worker's every sample with weight 1 / (W x S)
                 averaged = average_workers_(module, p2.local_sum, len(models), accelerator)
                 bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
                                      batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
@@ -215,7 +215,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         log.final_point(final_acc, p1.epochs + p2.records[0].result.epochs, p1.steps + p2.records[0].result.steps)
         with counter.phase("report"):
             workers, histories = gathered_rows(p2.records, accelerator)
-            # Measured: the slowest process's phase 2, stragglers included (issue 14).
+            # Measured: the slowest process's phase 2, stragglers included.
             p2_wall = gather_values(torch.tensor([p2.seconds], dtype=torch.float64, device=accelerator.device),
                                     accelerator).max().item()
         first = p2.records[0].result
@@ -238,7 +238,7 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
             "critical_path_steps": p1.steps + first.steps,
         })
 
-    if holdout_loader is not None:  # the final model (the average, or the baseline) on held-out images (issue 12)
+    if holdout_loader is not None:  # the final model (the average, or the baseline) on held-out images
         with counter.phase("evaluation"):
             results["holdout_acc"], _ = evaluate_shared(module, holdout_loader, accelerator)
     # Collective counts of every rank (counted, not assumed); this gather itself is in "report".

@@ -1,4 +1,4 @@
-"""`swap_accel transition RECIPE --candidates 0.85,0.88,0.90,0.92`: choosing τ, the transition point (issue 12).
+"""`swap_accel transition RECIPE --candidates 0.85,0.88,0.90,0.92`: choosing τ, the transition point.
 
 The paper grid-searched τ by hand and names choosing it as future work (section 6). Here one phase-1 run to the
 highest candidate keeps its state where the training accuracy first reaches each lower one
@@ -68,7 +68,7 @@ def plan(recipe_path: Path, overrides: list[str], candidates: list[float], holdo
 
 def _launch(recipe_path: Path, overrides: list[str], out: Path, num_processes: int, config_file: Path | None,
             label: str) -> dict:
-    """One `train` run; a finished one of the same recipe is reused, an unfinished one resumes (issue 4)."""
+    """One `train` run; a finished one of the same recipe is reused, an unfinished one resumes."""
     wanted = load_recipe(recipe_path, overrides)
     if (out / "results.json").exists():
         finished = json.loads((out / "results.json").read_text())

@@ -1,4 +1,4 @@
-"""The picture of `swap_accel transition` (issue 12): what each τ buys against what it costs, and phase 1's
+"""The picture of `swap_accel transition`: what each τ buys against what it costs, and phase 1's
 gradient noise scale with the candidates' crossings marked."""
 
 from __future__ import annotations

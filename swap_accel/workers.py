@@ -1,9 +1,9 @@
-"""Phase 2 for all the workers of this process (issue 9), and what phase 3 needs of them.
+"""Phase 2 for all the workers of this process, and what phase 3 needs of them.
 
 A process trains one worker (alone, or as a member of the worker's group) or several in turn (W > P).
 Each worker starts from the same phase-1 weights, with its own order, seeds, optimizer and checkpoints
 (`p2-w<k>-*`), and resumes on its own. What phase 3 averages is the running sum of the finished workers'
-samples this process leads (a worker's last model, or its S cyclic samples, issue 11; a group's other members
+samples this process leads (a worker's last model, or its S cyclic samples; a group's other members
 contribute zeros: every model counts once, equally): with W/P workers per process, two flat vectors (this sum, and
 the current worker's own running sum of samples), not W/P or W x S copies.
 """
@@ -59,7 +59,7 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
     rank = accelerator.process_index
     member, members = layout.member_of(rank), layout.processes_per_worker
     mine = layout.workers_of(rank)
-    # Where each worker resumes: its group's leader decides and tells the members (issue 14), so members that
+    # Where each worker resumes: its group's leader decides and tells the members, so members that
     # see the shared directory differently cannot start at different steps.
     for worker in mine:
         found = find_worker_start(run_dir, worker, leader=member == 0) if member == 0 else None
@@ -118,7 +118,7 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
 
 def gathered_rows(records: list[WorkerRecord], accelerator) -> tuple[list[dict], dict[int, list[dict]]]:
     """Every worker's row for results.json, one per worker (a group's members report the same numbers), and every
-    worker's phase-2 history rows; one gather at the end, in place of any exchange during phase 2 (issue 14)."""
+    worker's phase-2 history rows; one gather at the end, in place of any exchange during phase 2."""
     mine = [(r.worker, r.member, {"index": r.worker, "test_acc": r.test_acc, "test_acc_bn": r.test_acc_bn,
                                   "train_acc": r.result.train_acc, "seconds": r.result.seconds,
                                   "steps": r.result.steps, "loss_scale": r.result.loss_scale}, r.result.history)
