@@ -59,11 +59,30 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
-def replace_block(marker: str, body: str) -> Path:
-    """Put `body` between the README's `<!-- marker:begin -->` and `<!-- marker:end -->` lines: the README's
-    benchmark numbers are written by the benchmark that measured them, never typed."""
-    readme = RESULTS.parents[1] / "README.md"
+def marked_file(marker: str) -> Path:
+    """The one Markdown file, README.md or a page under docs/, that holds `<!-- marker:begin -->`: the numbers
+    live wherever the documentation shows them, and re-rendering finds them there."""
+    root = RESULTS.parents[1]
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    text = readme.read_text()
-    readme.write_text(text[: text.index(begin)] + f"{begin}\n{body}\n{end}" + text[text.index(end) + len(end):])
-    return readme
+    holders = [path for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+               if path.is_file() and begin in path.read_text()]
+    if len(holders) != 1:
+        where = ", ".join(str(p.relative_to(root)) for p in holders) or "none of README.md and docs/*.md"
+        raise RuntimeError(f"benchmark block '{marker}': exactly one of README.md and docs/*.md must hold the line "
+                           f"{begin} (and {end}), found in {where}")
+    text = holders[0].read_text()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(end) < text.index(begin):
+        raise RuntimeError(f"benchmark block '{marker}' in {holders[0].relative_to(root)}: needs one {begin} "
+                           f"followed by one {end}")
+    return holders[0]
+
+
+def replace_block(marker: str, body: str) -> Path:
+    """Put `body` between the `<!-- marker:begin -->` and `<!-- marker:end -->` lines of the one file, README.md or
+    docs/*.md, that holds them (`marked_file`): the documented benchmark numbers are written by the benchmark that
+    measured them, never typed."""
+    path = marked_file(marker)
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = path.read_text()
+    path.write_text(text[: text.index(begin)] + f"{begin}\n{body}\n{end}" + text[text.index(end) + len(end):])
+    return path

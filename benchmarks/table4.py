@@ -27,7 +27,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import save
+from benchmarks.common import replace_block, save
 from benchmarks.regimes import GAP_QUICK as QUICK
 from benchmarks.regimes import GAP_RECIPE as RECIPE
 from benchmarks.regimes import GAP_SB as SB
@@ -109,17 +109,14 @@ def table(table_rows: tuple[Row, ...], numbers: dict, schedules: dict[str, str])
 
 
 def render_readme(payload: dict) -> None:
-    """The full benchmark's table between the README's markers (the --quick smoke test only prints its own)."""
+    """The full benchmark's table between its markers, in README.md or the docs page that holds them (the --quick
+    smoke test only prints its own)."""
     if payload["quick"]:
         return
-    readme = ROOT / "README.md"
-    begin, end = "<!-- table4:begin -->", "<!-- table4:end -->"
-    text = readme.read_text()
     table_rows = rows(SWAP_PHASE2_EPOCHS, 8)
     rendered = table(table_rows, payload["rows"], schedules_of(payload, table_rows))
-    block = (f"{begin}\nMeasured with `.venv/bin/python -m benchmarks.table4` (`{RECIPE.relative_to(ROOT)}`), seed 0, "
-             f"2 processes, {payload['runs_total_s'] / 60:.0f} min of runs.\n\n{rendered}\n{end}")
-    readme.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end):])
+    replace_block("table4", f"Measured with `.venv/bin/python -m benchmarks.table4` (`{RECIPE.relative_to(ROOT)}`), "
+                            f"seed 0, 2 processes, {payload['runs_total_s'] / 60:.0f} min of runs.\n\n{rendered}")
 
 
 def main() -> None:
