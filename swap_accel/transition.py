@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from .checkpoints import verify_checkpoint, write_json
+from .preflight import preflight  # the checks `train` makes before any process group, for the phase-1 run
 from .recipe import Recipe, RecipeError, load_recipe
 from .resume import ROOT, check_data, check_model
 from .rundir import recipe_difference
@@ -136,8 +137,6 @@ def noise_curve(results: dict) -> list[dict]:
 
 def run(recipe_path: Path, overrides: list[str], candidates: list[float], out: Path, *, num_processes: int,
         config_file: Path | None, holdout: int | None, phase2_epochs: int | None, overwrite: bool) -> dict:
-    from .cli import preflight  # the checks `train` makes before any process group, for the phase-1 run
-
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise TransitionError("transition launches its own runs: start it as `python -m swap_accel transition ...`, "
                               "not under accelerate launch")

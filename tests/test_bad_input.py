@@ -204,7 +204,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_an_explicit_out_keeps_any_name_and_the_default_stays_in_runs(tmp_path, data_cache):
-    from swap_accel.cli import run_dir_for
+    from swap_accel.preflight import run_dir_for
 
     recipe = load_recipe(tiny_recipe(tmp_path, data_cache), ["name=../elsewhere"])
     assert run_dir_for(recipe, tmp_path / "mine") == tmp_path / "mine"  # --out anywhere is the user's choice
