@@ -14,9 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from .bn import recalibrate_bn_
 from .checkpoints import (
     CheckpointError,
     load_weights_into,
@@ -31,12 +28,12 @@ from .data import load_data, provenance_sets
 from .distributed import flat_state, load_flat_state_, make_accelerator
 from .evaluate import evaluate_local, evaluate_shared
 from .models import build_model
+from .phase3 import run_phase3
 from .recipe import Recipe, dump_recipe
 from .report import averaging_summary, print_table, run_header
 from .resume import ROOT, check_data, check_model
 from .rundir import check_writable
 from .snapshots import CycleSamples, load_flat, model_name
-from .soup import greedy_phase3
 
 _PHASES = ("setup", "phase3", "evaluation")
 
@@ -147,19 +144,16 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
             if greedy:
                 states.append(flat)
         total = own if total is None else total.add_(own)
-    p3_start = time.perf_counter()
-    with torch.no_grad(), counter.phase("phase3"):
-        if greedy:
-            holdout = load_data(recipe.data, accelerator.device, split="holdout")
-            selection, bn = greedy_phase3(module, states, recipe, train_data,
-                                          accelerator.prepare(holdout.eval_loader(recipe.eval.batch_size)), accelerator)
-        else:
-            load_flat_state_(module, total.div_(len(models)))  # (a + b) / 2 exactly as phase 3's sum and division
-            bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
-                                 batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
-            selection = {"method": "uniform", "kept": list(range(len(models)))}
-        selection["models"] = models
-    p3_seconds = time.perf_counter() - p3_start
+    holdout_loader = None if not greedy else accelerator.prepare(
+        load_data(recipe.data, accelerator.device, split="holdout").eval_loader(recipe.eval.batch_size))
+
+    def average() -> int:  # (a + b) / 2 exactly as train's phase 3: the sum above, one division
+        load_flat_state_(module, total.div_(len(models)))
+        return total.numel()
+
+    with counter.phase("phase3"):
+        p3 = run_phase3(module, recipe, train_data, accelerator, models=models, average=average,
+                        states=lambda: states, holdout_loader=holdout_loader)
     with counter.phase("evaluation"):
         final_acc, counted = evaluate_shared(module, test_loader, accelerator)
     counter.uninstall()
@@ -179,8 +173,7 @@ def average(recipe: Recipe, workers: list[tuple[Path, dict]], out: Path) -> dict
                    "slowest_worker_seconds": max(r["seconds"] for r in rows),
                    "per_worker_batch_size": recipe.phase2.per_worker_batch_size if recipe.phase2 else None,
                    "history": workers[0][1]["result"]["history"]},
-        "phase3": {"seconds": p3_seconds, "averaged_values": total.numel(), "averaged_models": len(models),
-                   "bn": bn, "selection": selection},
+        "phase3": p3.summary(),
         "workers": rows, **averaging_summary(accs, final_acc, counted),
         "critical_path_steps": p1.get("steps", 0) + steps,
         "collectives": {p: {"calls": counter.calls[p], "bytes": counter.bytes[p]} for p in _PHASES},

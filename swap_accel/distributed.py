@@ -206,20 +206,6 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def average_workers_(module: torch.nn.Module, local_sum: torch.Tensor, workers: int, accelerator: Accelerator) -> int:
-    """Set every floating-point parameter and buffer of `module` to the mean of the W workers' (paper Algorithm 1,
-    phase 3), or of their W x S cyclic samples (`workers` is then the number of models, W x S).
-
-    `local_sum` is the sum of the workers this process leads (`flat_state` of each; zeros on a group's
-    other members, so every worker counts once, each with equal weight). One flattened all-reduce
-    instead of one per tensor: a constant number of collectives whatever the architecture. With
-    one worker per process this is exactly the old (a + b) / 2. Returns the number of averaged values.
-    """
-    load_flat_state_(module, all_reduce_sum(local_sum, accelerator).div_(workers))
-    return local_sum.numel()
-
-
-@torch.no_grad()
 def broadcast_buffers_(module: torch.nn.Module, accelerator: Accelerator, group=None) -> None:
     """Give every rank (of `group`, else of all) its first rank's floating-point buffers: BN running statistics
     drift per rank under DDP (measured), and a shared model evaluated in shards must use one set."""

@@ -28,8 +28,9 @@ from .bn import recalibrate_bn_
 from .checkpoints import write_text
 from .counting import CollectiveCounter
 from .data import DataSource
-from .distributed import average_workers_, broadcast_buffers_, flat_state
+from .distributed import broadcast_buffers_, flat_state
 from .evaluate import evaluate_local, evaluate_shared
+from .phase3 import average_workers_
 from .progress import Progress
 from .recipe import Recipe
 from .topology import WorkerLayout

@@ -38,6 +38,14 @@ def sample_dirs(run_dir: Path, worker: int, samples: int) -> list[Path]:
     return [root / f"p2-w{worker}-sample{s}" for s in range(samples - 1)] + [root / f"p2-w{worker}-end"]
 
 
+def finished_sample_states(run_dir: Path, workers: int, samples: int, module: torch.nn.Module,
+                           device) -> list[torch.Tensor]:
+    """The `flat_state` of every worker's every sample (W x S, worker-major; the last of a worker's is its
+    p2-w<k>-end), read by every process from the checkpoints (the run directory is shared, as phase 1's checkpoints
+    already require): each rank holds only the running sum of its own workers."""
+    return [load_flat(path, module, device) for k in range(workers) for path in sample_dirs(run_dir, k, samples)]
+
+
 class CycleSamples:
     """One worker's samples. Only its group's leader keeps the sum and writes the samples (the members hold the
     same weights after the in-group all-reduce, and contribute zeros to phase 3)."""

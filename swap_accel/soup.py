@@ -1,5 +1,5 @@
-"""Greedy soup of workers (Wortsman et al. 2022, "Model soups", the greedy recipe), with phase 3's exact
-BatchNorm recomputation for every candidate average and its evaluation spread over all processes.
+"""Greedy soup of workers (Wortsman et al. 2022, "Model soups", the greedy recipe); phase3.py scores every
+candidate average with phase 3's exact BatchNorm recomputation and an evaluation spread over all processes.
 
 Phase 3 averages every worker with equal weight, so one worker that went wrong (a diverging learning rate, a bad
 node) drags the average down. Greedy selection orders the models (the W workers, or their W x S cyclic samples:
@@ -14,14 +14,10 @@ decision from the same all-reduced number.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from .bn import recalibrate_bn_
 from .distributed import load_flat_state_
-from .evaluate import evaluate_shared
-from .snapshots import load_flat, sample_dirs
 
 
 @torch.no_grad()
@@ -54,25 +50,3 @@ def greedy_soup(module: torch.nn.Module, flats: list[torch.Tensor], score: Calla
     final = score()  # the soup's own BN statistics (the last candidate tried may have been rejected)
     return {"method": "greedy", "tolerance": tolerance, "kept": sorted(kept), "individual_holdout_acc": individual,
             "curve": curve, "holdout_acc": final}
-
-
-def greedy_phase3(module: torch.nn.Module, states: list[torch.Tensor], recipe, train_data, holdout_loader,
-                  accelerator) -> tuple[dict, dict]:
-    """Phase 3 as a greedy soup (train.py and `swap_accel average`): every candidate gets phase 3's BN recomputation
-    (same samples, same seed) and a held-out evaluation in shards. Returns (selection, the soup's BN summary)."""
-    bn = {}
-
-    def score() -> float:
-        bn.update(recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
-                                  batch_size=recipe.eval.bn_batch_size, seed=recipe.seed))
-        return evaluate_shared(module, holdout_loader, accelerator)[0]
-
-    return greedy_soup(module, states, score, recipe.phase3.greedy_tolerance), bn
-
-
-def finished_sample_states(run_dir: Path, workers: int, samples: int, module: torch.nn.Module,
-                           device) -> list[torch.Tensor]:
-    """The `flat_state` of every worker's every sample (W x S, worker-major; the last of a worker's is its
-    p2-w<k>-end), read by every process from the checkpoints (the run directory is shared, as phase 1's checkpoints
-    already require): each rank holds only the running sum of its own workers."""
-    return [load_flat(path, module, device) for k in range(workers) for path in sample_dirs(run_dir, k, samples)]

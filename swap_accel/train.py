@@ -19,13 +19,11 @@ import torch
 from accelerate.utils import set_seed
 
 from . import __version__, figure, tracking
-from .bn import recalibrate_bn_
 from .checkpoints import save_weights, weights_identity, write_json, write_text
 from .counting import CollectiveCounter
 from .data import load_data
 from .distributed import (
     DistributedError,
-    average_workers_,
     broadcast_buffers_,
     broadcast_object,
     flat_state,
@@ -41,14 +39,14 @@ from .monitor import Monitor
 from .noise_scale import GradientNoise
 from .phase1 import Phase1Result, train_phase1, warn_ghost_batchnorm
 from .phase2 import make_sgd
+from .phase3 import average_workers_, run_phase3
 from .progress import Progress
 from .recipe import Recipe, dump_recipe
 from .report import averaging_summary, print_table, run_header, table_rows, training_seconds
 from .resume import Checkpointer, find_start, finished_workers, load_result
 from .rundir import discard_outputs
 from .sampling import digest
-from .snapshots import model_name
-from .soup import finished_sample_states, greedy_phase3
+from .snapshots import finished_sample_states, model_name
 from .workers import gathered_rows, run_workers
 
 # averaged_curve is the opt-in Figure-1 curve of the averaged model, counted apart so phase 2 itself stays at
@@ -192,22 +190,14 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
         log.drain()  # every worker is done: the tracker gets all rows that were still in flight
         # Phase 3's clock starts once every process is here: the wait is the workers' skew, which phase 2's time
         # (the slowest process's) already counts.
-        p3_start = time.perf_counter()
-        p3_wait = p3_start - wait_start
+        p3_wait = time.perf_counter() - wait_start
         with counter.phase("phase3"), peers_required(lambda: str(lost("one is gone"))):
             models = [model_name(k, s) for k in range(layout.workers) for s in range(recipe.phase2.samples_per_worker)]
-            if recipe.phase3.selection == "greedy":  # a model joins only if it does not hurt held-out
-                states = finished_sample_states(run_dir, layout.workers, recipe.phase2.samples_per_worker, module,
-                                                accelerator.device)
-                selection, bn = greedy_phase3(module, states, recipe, train_data, holdout_loader, accelerator)
-                averaged = states[0].numel()
-            else:  # every worker's every sample with weight 1 / (W x S)
-                averaged = average_workers_(module, p2.local_sum, len(models), accelerator)
-                bn = recalibrate_bn_(module, train_data, accelerator, samples=recipe.eval.bn_samples,
-                                     batch_size=recipe.eval.bn_batch_size, seed=recipe.seed)
-                selection = {"method": "uniform", "kept": list(range(len(models)))}
-            selection["models"] = models
-        p3_seconds = time.perf_counter() - p3_start
+            p3 = run_phase3(
+                module, recipe, train_data, accelerator, models=models, holdout_loader=holdout_loader,
+                average=lambda: average_workers_(module, p2.local_sum, len(models), accelerator),
+                states=lambda: finished_sample_states(run_dir, layout.workers, recipe.phase2.samples_per_worker,
+                                                      module, accelerator.device))
         eval_start = time.perf_counter()
         with counter.phase("evaluation"):
             final_acc, counted = evaluate_shared(module, test_loader, accelerator)
@@ -229,12 +219,11 @@ def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:
                        "samples_per_worker": recipe.phase2.samples_per_worker, "history": first.history,
                        "workers_history": log.workers_history(histories)},
             "averaged_curve": log.curve_summary(),
-            "phase3": {"seconds": p3_seconds, "wait_seconds": p3_wait, "averaged_values": averaged,
-                       "averaged_models": len(models), "bn": bn, "selection": selection},
+            "phase3": {**p3.summary(), "wait_seconds": p3_wait},
             "workers": workers,
             **averaging_summary([w["test_acc"] for w in workers], final_acc, counted,
                                 [w["test_acc_bn"] for w in workers]),
-            "training_seconds": training_seconds(p1.seconds, p2_wall, slowest, p3_seconds),
+            "training_seconds": training_seconds(p1.seconds, p2_wall, slowest, p3.seconds),
             "critical_path_steps": p1.steps + first.steps,
         })
 

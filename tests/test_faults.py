@@ -32,7 +32,8 @@ from swap_accel.sampling import WORKER_RNG
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
-    from swap_accel.distributed import average_workers_, broadcast_object, flat_state, make_accelerator
+    from swap_accel.distributed import broadcast_object, flat_state, make_accelerator
+    from swap_accel.phase3 import average_workers_
     from swap_accel.phase1 import TrainingDiverged, require_finite
     from swap_accel.distributed import all_true
     from swap_accel.resume import Start
