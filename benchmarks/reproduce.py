@@ -149,6 +149,23 @@ def command(regime: Regime, quick: bool) -> str:
             + (" --quick" if quick else ""))
 
 
+def verdict(payload: dict) -> str:
+    """Table 1's result in one sentence, from the numbers the benchmark wrote."""
+    rows, targets = payload["rows"], payload["targets"]
+    sb, lb, swap, swa = (rows[t] for t in ("sgd-sb", "sgd-lb", "swap-w8", "swa-lb"))
+    missed = [name for name, ok in targets.items() if not ok]
+
+    def pct(row, key="test_acc"):
+        return f"{100 * row[key]['mean']:.2f} %"
+
+    share = swap["critical_path_steps"]["mean"] / sb["critical_path_steps"]["mean"]
+    return (f"**SWAP with 8 workers reaches {pct(swap)} against small batch's {pct(sb)} and large batch's "
+            f"{pct(lb, 'test_acc_bn')} (BN recomputed; large-batch SWA at the same compute: {pct(swa)}), in "
+            f"{100 * share:.0f} % of small batch's critical-path optimizer steps, mean of {payload['seeds']} seeds: "
+            f"{len(targets) - len(missed)} of {len(targets)} checks pass"
+            + (f" (missed: {'; '.join(missed)})." if missed else ".") + "**")
+
+
 def render_readme(payload: dict) -> None:
     """Put the table, the targets and the command that made them between the README's markers."""
     regime = REGIMES[payload.get("regime", "gap")]  # payloads from before the paper regime are the gap regime's
@@ -161,6 +178,8 @@ def render_readme(payload: dict) -> None:
                   f"{', ' + ', '.join(payload['extra']) if payload['extra'] else ''}), {payload['seeds']} seeds "
                   f"per row, 2 processes, {payload['runs_total_s'] / 60:.0f} min of runs.{smoke}\n\n"
                   f"{payload['table']}{note}\n\n{checks}")
+    if regime.name == "paper" and not quick:
+        replace_block("table1-verdict", verdict(payload))
 
 
 def main() -> None:

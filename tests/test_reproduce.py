@@ -129,3 +129,15 @@ def test_paper_targets_are_judged_on_the_issue_thresholds():
     short = PAPER.targets({**base, "sgd-lb": _row(0.884, steps=200, train_acc=0.93), "swap-w8": _row(0.89)})
     assert not short["regime: large batch trains >= 1500 optimizer steps"]
     assert not short["regime: large batch converges (train acc >= 99 %)"]
+
+
+def test_table1_verdict_states_the_measured_numbers_and_every_miss():
+    from benchmarks.reproduce import verdict
+
+    rows = {"sgd-sb": _row(0.892, steps=8000), "sgd-lb": _row(0.884, bn=0.886, steps=1500),
+            "swap-w8": _row(0.8901, steps=3400), "swa-lb": _row(0.8898)}
+    targets = PAPER.targets(rows)
+    sentence = verdict({"rows": rows, "targets": targets, "seeds": 3})
+    assert "89.01 %" in sentence and "89.20 %" in sentence and "88.60 %" in sentence and "88.98 %" in sentence
+    assert "42 % of small batch's critical-path" in sentence and "7 of 8 checks pass" in sentence
+    assert "(missed: CPU: SWAP critical-path steps <= 40 % of SB's)" in sentence
