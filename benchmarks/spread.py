@@ -62,8 +62,10 @@ def main() -> None:
     rows = {}
     print(f"{'row':38s} {'models':>6s} {'moved':>8s} {'pairwise':>9s} {'to avg':>8s} {'gain (pts)':>10s}")
     for row in regime.rows(False):
+        if row.tag.startswith("sgd"):  # one model: nothing averaged
+            continue
         seeds = [spread(d) for d in sorted(runs_dir.glob(f"{row.tag}-s*")) if (d / "results.json").exists()]
-        if not seeds or row.tag.startswith("sgd"):
+        if not seeds:
             continue
         rows[row.tag] = {key: statistics.fmean(s[key] for s in seeds) for key in seeds[0]} | {"seeds": len(seeds)}
         r = rows[row.tag]
