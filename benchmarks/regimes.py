@@ -44,6 +44,10 @@ class Regime:
     def relative_recipe(self) -> str:
         return str(self.recipe.relative_to(ROOT))
 
+    def default_runs_dir(self) -> Path:
+        """Where `benchmarks.reproduce` puts the regime's runs (the gap regime's keep their first home)."""
+        return ROOT / "runs" / ("reproduce" if self.name == "gap" else f"reproduce-{self.name}")
+
 
 def judged_against(sb_acc: float, lb_acc: float, swap_acc: float, share: float) -> bool:
     """SWAP closes at least `share` of the gap from large batch up to small batch."""

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import replace_block, save
-from benchmarks.regimes import GAP, REGIMES, ROOT, Regime, Row
+from benchmarks.regimes import REGIMES, ROOT, Regime, Row
 from swap_accel.recipe import Recipe, load_recipe
 
 
@@ -196,8 +196,7 @@ def main() -> None:
     if args.render:
         return render_readme(json.loads(args.render.read_text()))
     regime = REGIMES[args.regime]
-    runs_dir = (args.runs_dir or ROOT / "runs" / ("reproduce" if regime is GAP else f"reproduce-{regime.name}"))
-    runs_dir = runs_dir.resolve()  # the runs are launched from the repository root
+    runs_dir = (args.runs_dir or regime.default_runs_dir()).resolve()  # the runs are launched from the repository root
     if args.quick:
         print("--quick: a smoke test of the benchmark pipeline (small subset, few epochs): its accuracies are not "
               "the paper's claim; the full run is the result.", flush=True)

@@ -20,17 +20,18 @@ import statistics
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from benchmarks.common import save
-from benchmarks.regimes import REGIMES, ROOT
+from benchmarks.regimes import REGIMES
+from swap_accel.checkpoints import load_weights
+from swap_accel.resume import ROOT
 from swap_accel.snapshots import sample_dirs
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def parameters(directory: Path) -> torch.Tensor:
-    state = load_file(directory / "model.safetensors")
+    state = load_weights(directory / "model.safetensors")
     return torch.cat([t.double().reshape(-1) for k, t in sorted(state.items()) if not k.endswith(BUFFERS)])
 
 
@@ -38,7 +39,7 @@ def spread(run_dir: Path) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     p2 = results["phase2"]
     models = [parameters(d) for k in range(p2["workers"]) for d in sample_dirs(run_dir, k, p2["samples_per_worker"])]
-    start_dir = Path((results.get("resumed_from") or {}).get("phase1_end") or run_dir / "checkpoints" / "p1-end")
+    start_dir = Path((results.get("resumed_from") or {}).get("phase1_end") or run_dir / ROOT / "p1-end")
     start = parameters(start_dir)
     mean = torch.stack(models).mean(0)
     return {
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, help="default: benchmarks.reproduce's for the regime")
     args = parser.parse_args()
     regime = REGIMES[args.regime]
-    runs_dir = args.runs_dir or ROOT / "runs" / ("reproduce" if regime.name == "gap" else f"reproduce-{regime.name}")
+    runs_dir = args.runs_dir or regime.default_runs_dir()
     rows = {}
     print(f"{'row':38s} {'models':>6s} {'moved':>8s} {'pairwise':>9s} {'to avg':>8s} {'gain (pts)':>10s}")
     for row in regime.rows(False):
