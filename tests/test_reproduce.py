@@ -53,7 +53,7 @@ def test_gap_targets_are_judged_on_their_thresholds():
 
 
 def test_table4_rows_are_valid_recipes_that_share_table1s_runs():
-    """benchmarks/table4.py (issue 11): every row, full and quick, resolves to a valid recipe with the settings the
+    """benchmarks/table4.py: every row, full and quick, resolves to a valid recipe with the settings the
     row's name claims; the SGD and 8-worker SWAP rows are Table 1's very runs, so one benchmark reuses the other's."""
     from benchmarks import table4
 
@@ -141,3 +141,90 @@ def test_table1_verdict_states_the_measured_numbers_and_every_miss():
     assert "89.01 %" in sentence and "89.20 %" in sentence and "88.60 %" in sentence and "88.98 %" in sentence
     assert "42 % of small batch's critical-path" in sentence and "8 of 9 checks pass" in sentence
     assert "(missed: CPU: SWAP critical-path steps <= 40 % of SB's)" in sentence
+
+
+def test_full_regime_is_table5_number_for_number():
+    """The GPU regime is the paper's CIFAR-10 column (Appendix A, Table 5) on all of Fashion-MNIST."""
+    from benchmarks.regimes import FULL
+
+    r = {row.tag: load_recipe(FULL.recipe, list(row.overrides)) for row in FULL.rows(False)}
+    sb, lb, swap, swa = r["sgd-sb"], r["sgd-lb"], r["swap-w8"], r["swa-lb"]
+    assert r["swap-w8"].data.train_subset is None and swap.model.kwargs == {"base_width": 64}
+    assert (sb.phase1.global_batch_size, sb.phase1.lr.peak, sb.phase1.max_epochs, sb.phase1.lr.warmup_epochs) == (
+        512, 0.3, 100, 30)
+    assert (lb.phase1.global_batch_size, lb.phase1.lr.peak, lb.phase1.max_epochs, lb.phase1.lr.warmup_epochs) == (
+        4096, 1.2, 150, 30)
+    assert swap.phase1.stop_train_accuracy == 0.98
+    assert (swap.phase2.workers, swap.phase2.per_worker_batch_size, swap.phase2.epochs, swap.phase2.lr.peak,
+            swap.phase2.lr.warmup_epochs) == (8, 512, 30, 0.12, 0)
+    assert swa.phase2.epochs == 8 * 30 and swa.phase2.per_worker_batch_size == 4096
+    assert 60_000 // 4096 * lb.phase1.max_epochs >= 1500
+
+
+def _units(todo):
+    return [f"{u.row.tag}-s{u.seed}" for u in todo]
+
+
+def test_planner_fills_the_budget_seed_by_seed_and_reuses_what_is_committed():
+    from benchmarks.planner import plan
+    from benchmarks.regimes import FULL
+
+    rows = FULL.rows(False)
+    cost = {"sgd-sb": 10, "sgd-lb": 10, "swap-w8": 20, "swap-w4": 5, "swap-w2": 5, "swa-lb": 10}
+
+    def estimate(row, seed):
+        return float(cost[row.tag]), "test"
+
+    # Nothing committed, 70 s: seed 0 of every row first (60 s); seed 1's small batch fits, its large batch not.
+    todo, left = plan(rows, 2, {}, 70.0, estimate, lambda row, seed: False)
+    assert _units(todo) == ["sgd-sb-s0", "sgd-lb-s0", "swap-w8-s0", "swap-w4-s0", "swap-w2-s0", "swa-lb-s0",
+                            "sgd-sb-s1"]
+    assert _units(left)[0] == "sgd-lb-s1"
+    # Seed 0 committed: only seed 1 is planned.
+    committed = {(row.tag, 0): {} for row in rows}
+    todo, _ = plan(rows, 2, committed, 1000.0, estimate, lambda row, seed: False)
+    assert _units(todo) == [f"{row.tag}-s1" for row in rows]
+    # One dependent missing and SWAP-8's phase 1 gone from this machine: SWAP-8 runs again, and with it every row
+    # that starts from its phase 1 (their committed runs would be of the old one)...
+    partial = {k: v for k, v in committed.items() if k != ("swap-w2", 0)}
+    todo, _ = plan(rows, 1, partial, 1000.0, estimate, lambda row, seed: False)
+    assert _units(todo) == ["swap-w8-s0", "swap-w4-s0", "swap-w2-s0", "swa-lb-s0"]
+    # ...while a phase 1 still on this machine lets the dependent run alone; and a family that does not fit is left.
+    todo, _ = plan(rows, 1, partial, 1000.0, estimate, lambda row, seed: True)
+    assert _units(todo) == ["swap-w2-s0"]
+    todo, left = plan(rows, 1, partial, 30.0, estimate, lambda row, seed: False)
+    assert todo == [] and _units(left) == ["swap-w2-s0"]
+
+
+def test_store_drops_runs_of_other_settings_and_dependents_of_an_older_phase1(tmp_path):
+    from benchmarks.planner import Store
+    from benchmarks.regimes import FULL
+
+    rows = FULL.rows(False)
+    store = Store("reproduce_full", "NVIDIA H200", root=tmp_path)
+    assert store.dir == tmp_path / "reproduce_full" / "nvidia-h200"
+    for tag, digest in (("swap-w8", "a"), ("swap-w4", "a"), ("swap-w2", "old"), ("sgd-sb", None)):
+        store.save(tag, 0, {"total_seconds": 1.0, "lr": 0.3 if tag == "sgd-sb" else 0.1}, digest)
+    found = store.load(rows, 3, lambda row, seed, record: record["lr"] == 0.1)
+    # sgd-sb's settings changed; swap-w2 started from another phase 1 than the committed SWAP-8 has now.
+    assert sorted(found) == [("swap-w4", 0), ("swap-w8", 0)]
+    assert found["swap-w8", 0]["device_name"] == "NVIDIA H200"
+
+
+def test_dry_run_plans_on_this_device_without_running_or_writing(tmp_path):
+    """`--budget-minutes ... --dry-run` calibrates this device on the recipe's model and prints the plan; nothing
+    is trained and nothing is written under benchmarks/results."""
+    import subprocess
+    import sys
+
+    from benchmarks.regimes import ROOT
+
+    before = sorted(p.name for p in (ROOT / "benchmarks" / "results").iterdir())
+    for regime, budget, expect in (("paper", "600", "run  sgd-sb-s0"), ("full", "1", "skip sgd-sb-s0")):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.reproduce", "--regime", regime, "--budget-minutes",
+                               budget, "--dry-run", "--quick", "--runs-dir", str(tmp_path)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert expect in done.stdout and "(calibration)" in done.stdout, done.stdout
+    assert sorted(p.name for p in (ROOT / "benchmarks" / "results").iterdir()) == before
+    assert not any(tmp_path.iterdir())
