@@ -1,4 +1,4 @@
-"""BatchNorm recalibration with P processes against one process over the same samples (issue 5).
+"""BatchNorm recalibration with P processes against one process over the same samples.
 
 Target: time with P processes ≤ 1/P + 10% of the single-process time, statistics identical (up to
 float64 summation order). Each configuration is a real `accelerate launch` whose processes get one

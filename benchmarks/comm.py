@@ -1,4 +1,4 @@
-"""Communication budget per phase, counted (issue 5).
+"""Communication budget per phase, counted.
 
 Runs real 2-process SWAP jobs through the public CLI for two architectures with very different
 numbers of parameter tensors and reads the counted collectives from their results.json. Targets:

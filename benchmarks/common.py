@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: real Fashion-MNIST in memory, the recipe objects, result files.
 
-Benchmarks measure two things side by side in one run and print their ratio (issue 5): this machine
+Benchmarks measure two things side by side in one run and print their ratio: this machine
 is shared and noisy, so no absolute time is a pass/fail criterion. Rounds alternate A and B and the
 median of each is compared.
 """

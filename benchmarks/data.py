@@ -1,4 +1,4 @@
-"""Input pipeline cost against the training step (issue 5, target: data time ≤ 3% of step time).
+"""Input pipeline cost against the training step (target: data time ≤ 3% of step time).
 
 The in-memory source indexes uint8 images on the device, crops, flips, normalizes and cuts out a
 whole batch in a few tensor ops. Measured alone and against a forward/backward/SGD step of the

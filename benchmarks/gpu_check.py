@@ -1,4 +1,4 @@
-"""GPU readiness (issue 13): the quickstart through all three phases on one CUDA device, in fp32, bf16 and fp16.
+"""GPU readiness: the quickstart through all three phases on one CUDA device, in fp32, bf16 and fp16.
 
 For each precision, one process (P = 1, on a real NCCL process group of one) trains the quickstart recipe with
 W = 4 workers in turn, and this script checks, measures and prints:

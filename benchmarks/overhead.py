@@ -1,4 +1,4 @@
-"""Overhead of swap_accel's phase loops against minimal hand-written loops (issue 5, target ≤ 1.03).
+"""Overhead of swap_accel's phase loops against minimal hand-written loops (target ≤ 1.03).
 
 Phase 1: `train_phase1` (sharded order, LR schedule, device-side metrics, collective counter, DDP
 comm hook, epoch-end all-reduce) against a bare Accelerate DDP loop doing the same arithmetic on
@@ -97,7 +97,7 @@ def main() -> None:
     log2 = Monitor(accelerator, recipe, counter, worker_model, sub2, sub2, None, Progress(accelerator))
 
     def swap_phase2():
-        # A one-process worker trains its module itself (model is module); one sample, its end (issue 11).
+        # A one-process worker trains its module itself (model is module); one sample, its end.
         train_phase2(worker_model, worker_model, sub2, cfg2, opt_cfg, accelerator, seed=0, worker=rank, log=log2,
                      ckpt=ckpt, samples=CycleSamples(cfg2.sampling, ckpt.root.parent, rank))
 
@@ -111,7 +111,7 @@ def main() -> None:
             plain_opt.zero_grad(set_to_none=True)
 
     t_ours2, t_plain2 = alternate(swap_phase2, plain_phase2, args.rounds)
-    # The epoch-end logging point gathers the workers' numbers (issue 3), so a worker waits there for the
+    # The epoch-end logging point gathers the workers' numbers, so a worker waits there for the
     # slowest one; that wait is not per-step cost. Reported apart: total over the rounds / rounds.
     logging_s = log2.seconds["phase2"] / args.rounds
 

@@ -1,4 +1,4 @@
-"""The paper's Table 4 at CPU scale (issue 11): SWA against SWAP, in the regime of `recipes/fashion_mnist_gap.yaml`
+"""The paper's Table 4 at CPU scale: SWA against SWAP, in the regime of `recipes/fashion_mnist_gap.yaml`
 where large batch really loses (the Table-1 benchmark's regime, benchmarks/reproduce.py).
 
 Every row is `accelerate launch ... -m swap_accel train recipes/fashion_mnist_gap.yaml --set ...` on 2 processes:

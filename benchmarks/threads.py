@@ -1,4 +1,4 @@
-"""Threads, memory format and torch.compile on CPU (issue 5).
+"""Threads, memory format and torch.compile on CPU.
 
 1. P processes on C cores: one process with C threads against P concurrent processes with C/P
    threads each (swap_accel's default: `distributed.make_accelerator`), images/s combined.

@@ -1,4 +1,4 @@
-"""Worker topology side by side (issue 9): what W workers on P processes cost in phase 2.
+"""Worker topology side by side: what W workers on P processes cost in phase 2.
 
 One phase 1 on P = 4 processes, then phase 2 from it (`--from-phase1`) with W = 4 (one worker per
 process), W = 2 (groups of 2) and W = 1 (one group of 4), in alternating rounds; and W = 8 on P = 2

@@ -75,7 +75,7 @@ def run_on_ranks(script: str, tmp: Path, processes: int = 2) -> list[dict]:
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
-# ------------------------------------------------------------------ kill and rerun (issue 4, issue 9)
+# ------------------------------------------------------------------ kill and rerun
 
 # One thread per process in every compared run: a launcher with one local process would otherwise use two,
 # and a different thread count may change float reductions inside conv kernels.

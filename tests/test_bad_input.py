@@ -1,4 +1,4 @@
-"""Bad input ends early and clearly (issue 4): one line naming the problem and the fix, exit code 2, no
+"""Bad input ends early and clearly: one line naming the problem and the fix, exit code 2, no
 traceback, nothing written, no finished output touched, and all of it before any process group forms.
 
 The table runs the real command line in this process (typer's runner), so 25+ cases cost seconds; training
@@ -121,7 +121,7 @@ def cases(tmp_path_factory, data_cache):
         (["average", str(truncated.parent / "flipped"), "--recipe", b, "--out", "x"], {}, "checksum"),
         (["average", str(unfinished), "--recipe", b, "--out", "x"], {}, "no worker finished phase 2"),
         (["average", str(other_model), "--recipe", b, "--out", "x"], {}, "not a phase-2 worker's"),
-        # Issue 13: inputs that used to slip through.
+        # Non-finite numbers, run names that leave runs/, and sizes larger than the images or the data set.
         (train + ["x", "--set", "phase2.lr.peak=.inf"], {}, "phase2.lr.peak: must be a finite number"),
         (train + ["x", "--set", "optimizer.weight_decay=nan"], {}, "optimizer.weight_decay: must be a finite number"),
         (train + ["x", "--set", "phase1.lr.warmup_epochs=inf"], {}, "phase1.lr.warmup_epochs: must be a finite"),
@@ -213,7 +213,7 @@ def test_an_explicit_out_keeps_any_name_and_the_default_stays_in_runs(tmp_path, 
 
 
 def test_model_sha256_identifies_the_tensors_not_the_file(tmp_path):
-    """Issue 13: two files of bitwise-equal tensors whose safetensors headers differ report one model_sha256; the
+    """Two files of bitwise-equal tensors whose safetensors headers differ report one model_sha256; the
     file checksum stays under its own name, for integrity."""
     from swap_accel.checkpoints import weights_identity
 

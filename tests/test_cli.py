@@ -75,7 +75,7 @@ def test_sgd_mode_and_finished_run_protection(tmp_path, data_cache):
 
 @needs_fashion
 def test_set_model_name_swaps_any_timm_family_into_the_quickstart_recipe(tmp_path, data_cache):
-    """Issue 13: the quickstart's ResNet-9 width does not leak into another model; a ViT is built for the data's
+    """The quickstart's ResNet-9 width does not leak into another model; a ViT is built for the data's
     28x28 images; a model that really cannot take them (ConvNeXt downsamples 32x) is refused for that reason."""
     for name in ("resnet18", "mobilenetv3_small_050", "efficientnet_b0", "vit_tiny_patch16_224"):
         result = swap_accel("validate", "recipes/fashion_mnist.yaml", "--set", f"model.name={name}")

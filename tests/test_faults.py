@@ -1,4 +1,4 @@
-"""Issue 14, with real processes and real gloo collectives: decisions no rank may take alone, averaging that
+"""Faults across ranks, with real processes and real gloo collectives: decisions no rank may take alone, averaging that
 leaves no worker's buffers behind, the explicit collective timeout, an --overwrite that cannot strand a run,
 and what is seeded per rank and worker. (The hung-peer test is test_resume's two-machine test; NCCL itself
 needs a GPU, which CI does not have.)"""
@@ -84,7 +84,7 @@ def test_rank_decisions_buffers_and_timeout_with_two_real_processes(tmp_path):
 
 
 def test_python_random_is_seeded_per_worker_and_member_and_resumes(tmp_path):
-    """Streaming sources' timm transforms draw from Python's `random` (issue 14): each worker and each member
+    """Streaming sources' timm transforms draw from Python's `random`: each worker and each member
     of a group gets its own stream, and a checkpoint carries it."""
     seeds = {(w, m): _member_seed(0, WORKER_RNG, w, member=m) for w in range(3) for m in range(2)}
     assert len(set(seeds.values())) == len(seeds)
@@ -103,7 +103,7 @@ def test_python_random_is_seeded_per_worker_and_member_and_resumes(tmp_path):
 
 @needs_fashion
 def test_an_interrupted_overwrite_resumes_instead_of_stranding(tmp_path, data_cache):
-    """Issue 14: --overwrite removes every old output first. Killed mid-way, the run directory is an unfinished
+    """`--overwrite` removes every old output first. Killed mid-way, the run directory is an unfinished
     run of the new recipe, which the same command without --overwrite resumes."""
     out = tmp_path / "run"
     (out / "workers").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py's plumbing on CPU (issue 13): `--dry-run` runs the quickstart recipe, tiny, through all
+"""benchmarks/gpu_check.py's plumbing on CPU: `--dry-run` runs the quickstart recipe, tiny, through all
 three phases with P = 1 (a real one-process gloo group) and W = 2 workers in turn (4 on a GPU), in fp32, bf16 and
 fp16, with its guards installed, plus the CIFAR-shape phase-1 timing. The GPU-only judgements (host syncs under
 CUDA's sync debug mode, the 1.03 overhead ratio) need a GPU; here every guard must have seen every step and

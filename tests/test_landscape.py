@@ -1,4 +1,4 @@
-"""`swap_accel landscape` (issue 12, paper section 4): the plane basis and the three models' coordinates, and a
+"""`swap_accel landscape` (paper section 4): the plane basis and the three models' coordinates, and a
 real 2-process landscape of a real run whose grid points are recomputed here independently: the point's weights
 from the plane, its BatchNorm statistics from a direct pass (not swap_accel's recalibration), its errors."""
 

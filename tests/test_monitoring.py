@@ -1,4 +1,4 @@
-"""Issue 3, monitoring: what a team sees of a run, read back from the files the run wrote.
+"""Monitoring: what a team sees of a run, read back from the files the run wrote.
 
 One real 2-process SWAP run logs to an offline W&B run (module-scoped fixture); its `.wandb` record
 file is parsed record by record. Two small single-process runs cover TensorBoard and `none`.
@@ -92,7 +92,7 @@ def test_wandb_run_has_phase_keyed_metrics_and_config(tracked):
 def test_wandb_run_has_one_series_per_worker_and_the_averaged_curve(tracked):
     r, history = tracked["results"], tracked["history"]
     epochs = r["phase2"]["epochs"]
-    # Issue 14: each worker's rows reach the tracker through the run directory, one row per worker and epoch,
+    # Each worker's rows reach the tracker through the run directory, one row per worker and epoch,
     # each on the worker's own x-axis (worker/<k>/step = the critical-path step), whenever they arrive.
     for k in range(2):
         rows = [row for row in history if f"worker/{k}/train_loss" in row]
@@ -126,7 +126,7 @@ def test_wandb_summary_table_and_figure(tracked):
 
 
 def test_phase2_monitoring_makes_no_collective(tracked):
-    """Issue 14: monitoring exchanges files, never a collective; only the opt-in averaged curve (a scratch average
+    """Monitoring exchanges files, never a collective; only the opt-in averaged curve (a scratch average
     of all workers, here after epoch 1) meets the workers, and it is counted apart."""
     collectives, out = tracked["results"]["collectives"], tracked["out"]
     assert collectives["phase2"]["calls"] == 0 and "phase2_logging" not in collectives
@@ -212,7 +212,7 @@ def test_none_imports_no_tracker(untracked):
     out, result = untracked
     assert "NEW_TRACKER_MODULES [] None" in result.stdout, result.stdout[-2000:]
     assert (out / "results.json").exists() and not (out / "wandb").exists() and not (out / "tensorboard").exists()
-    # Issue 14: a baseline is reported also after phase 3's BN recalibration.
+    # A baseline is reported also after phase 3's BN recalibration.
     assert 0 < json.loads((out / "results.json").read_text())["phase1"]["test_acc_bn"] <= 1
 
 

@@ -1,8 +1,8 @@
-"""Never lose a run (issue 4), with real processes: SIGKILL a 2-process run in phase 1 and in phase 2, rerun
+"""Never lose a run, with real processes: SIGKILL a 2-process run in phase 1 and in phase 2, rerun
 the same command, and get bit for bit the weights of an uninterrupted run; two "machines" on loopback, one
 of which dies in phase 2 while the survivor finishes; `average` on the survivors and on a whole run.
 
-Every run here takes two samples per worker (issue 11: two 1-epoch LR cycles, a model at the end of each), so the
+Every run here takes two samples per worker (two 1-epoch LR cycles, a model at the end of each), so the
 phase-2 kill lands in the middle of a worker's second cycle, after its first sample: the resumed worker rebuilds its
 running sum from disk. Phase 3 and `average` then average W x S = 4 models.
 """
@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from swap_accel.checkpoints import verify_checkpoint
 
 pytestmark = needs_fashion
-# Issue 11: two samples per worker, one at the end of each of two 1-epoch cycles (21 steps each).
+# Two samples per worker, one at the end of each of two 1-epoch cycles (21 steps each).
 SAMPLED = {"phase2": {"epochs": 2, "samples_per_worker": 2, "lr": {"peak": 0.05, "cycles": 2}}}
 
 
@@ -95,7 +95,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, 
     out = tmp_path / "run"
     cmd = train_command(recipe, out, "--num_processes", "2", "--main_process_port", str(free_port()))
     # Phase 1 has 8 steps per epoch: its checkpoint at step 14 is mid-epoch, so the partial epoch sums must survive
-    # for the τ decision. Phase 2 has 21 steps per epoch, one LR cycle each (issue 11): step 28 is mid-way through
+    # for the τ decision. Phase 2 has 21 steps per epoch, one LR cycle each: step 28 is mid-way through
     # both workers' second cycle, after their first sample.
     def reached(pattern: str, step: int) -> bool:
         return any(int(p.name.rsplit("step", 1)[1]) >= step for p in checkpoints(out, pattern))
@@ -135,7 +135,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, 
                               reference / "workers" / f"worker{k}.safetensors") == []
     mine, ref = (json.loads((d / "results.json").read_text()) for d in (out, reference))
     assert mine["phase1"]["steps"] == ref["phase1"]["steps"] and mine["test_acc"] == ref["test_acc"]
-    # Issue 3's per-worker curves survive the resume too (replayed rows keep the accuracy they were logged with).
+    # The per-worker monitoring curves survive the resume too (replayed rows keep the accuracy they were logged with).
     def curves(results):
         return [(w["worker"], w["step"], w["train_loss"], w["train_acc"], w["test_acc"])
                 for w in results["phase2"]["workers_history"]]
@@ -143,7 +143,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(reference, tmp_path, 
 
 
 def test_phase3_averages_every_workers_cycle_end_samples_with_equal_weight(reference):
-    """Issue 11: each worker's samples are its models at the ends of its two LR cycles (steps 21 and 42), and the
+    """Each worker's samples are its models at the ends of its two LR cycles (steps 21 and 42), and the
     averaged model is the plain mean of the W x S = 4 saved samples, computed here independently in float64."""
     root = reference / "checkpoints"
     names = [f"p2-w{k}-{s}" for k in range(2) for s in ("sample0", "end")]
@@ -190,7 +190,7 @@ def test_average_of_a_whole_run_equals_its_phase3(reference, tmp_path):
 def test_two_machines_on_loopback_survive_a_hung_worker(reference, tmp_path, data_cache):
     """Two launchers, one process each (--num_machines 2), as on two nodes. Machine 1 hangs in phase 2 (SIGSTOP:
     alive and silent, what a NCCL collective would wait on until its watchdog fires). The survivor makes no
-    collective in phase 2 (issue 14), finishes and checkpoints its worker, then waits for phase 3 on the run
+    collective in phase 2, finishes and checkpoints its worker, then waits for phase 3 on the run
     directory, finds machine 1's heartbeat stale and stops with one line, before any collective could hang."""
     recipe, out = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 5}, **SAMPLED), tmp_path / "run"
     beat = {"SWAP_ACCEL_HEARTBEAT_SECONDS": "0.5"}  # stale after 12 beats: 6 s

@@ -1,4 +1,4 @@
-"""Several samples per worker and SWA through the same code (issue 11, items 1 and 2): the cyclic schedule, which
+"""Several samples per worker and SWA through the same code: the cyclic schedule, which
 epochs end a sampled cycle, the recipe's one-line errors, and a real 2-process `mode: swa` run whose model is the
 equal-weight average of its samples, taken at the cycle ends. Resume in the middle of a cycle, W x S averaging
 against an independent computation and `average` over samples are in test_resume.py (its reference run samples)."""
@@ -134,7 +134,7 @@ def test_swa_is_one_data_parallel_model_whose_cycle_end_samples_phase3_averages(
     # cycle, then α2 (each epoch's row holds the LR of its last step; 21 steps per epoch).
     assert r["recipe"]["phase2"]["lr"]["cycle_shape"] == "swa"
     assert [h["lr"] for h in r["phase2"]["history"]] == pytest.approx([0.025 + 0.025 * 0.5 / 21, 0.025])
-    # P = 2, W = 1 (issue 9): one group of both processes is plain data-parallel small batch. Its members end
+    # P = 2, W = 1: one group of both processes is plain data-parallel small batch. Its members end
     # bitwise equal; gradients are all-reduced inside the group (here: everyone), none "between workers": one per
     # step (one DDP bucket), two per epoch (epoch sums, the leader's BN buffers), one for the resume decision.
     records = [json.loads((out / "ranks" / f"rank{k}.json").read_text())["phase2"][0] for k in range(2)]

@@ -1,4 +1,4 @@
-"""Greedy soup of workers (issue 11, item 3): the selection rule on a model with a known score, then real
+"""Greedy soup of workers: the selection rule on a model with a known score, then real
 2-process runs: a training run whose phase 3 is a greedy soup (its weights are the mean of the kept workers'), and
 `swap_accel average --selection greedy` leaving out a deliberately bad worker."""
 

@@ -1,4 +1,4 @@
-"""SWAP end to end with real processes, real gloo collectives and real Fashion-MNIST (issue 2).
+"""SWAP end to end with real processes, real gloo collectives and real Fashion-MNIST.
 
 One 2-process and one 3-process run (module-scoped fixtures) are inspected from their outputs:
 results.json, the per-rank records and the saved worker weights.
@@ -64,14 +64,14 @@ def test_results_contract(run2):
     assert r["before_averaging"]["mean"] == pytest.approx(sum(accs) / len(accs))
     assert (run2["out"] / "recipe.yaml").exists() and (run2["out"] / "model.safetensors").exists()
     assert "SWAP (after averaging)" in run2["stdout"]  # the Table-1 style summary
-    # Issue 14: micro-batches of 42 < the per-process batch of 126 with a BN model are ghost BatchNorm, said once.
+    # Micro-batches of 42 < the per-process batch of 126 with a BN model are ghost BatchNorm, said once.
     assert run2["stdout"].count("ghost BatchNorm") == 1
     # Phase-2 seconds are the slowest process's (stragglers included), not rank 0's.
     assert r["phase2"]["seconds"] == max(sum(w["seconds"] for w in rank["phase2"]) for rank in run2["ranks"])
 
 
 def test_workers_are_also_reported_after_phase3s_bn_recalibration(run2):
-    """Issue 14: "after - before" must measure averaging, not the BN re-estimation only the average got. Worker 0's
+    """The SWAP gain "after - before" must measure averaging, not the BN re-estimation only the average got. Worker 0's
     recalibrated accuracy is recomputed here from its saved weights with the same samples, independently."""
     from accelerate import Accelerator
 
@@ -112,7 +112,7 @@ def test_workers_diverge_in_phase2(run):
 def test_phase2_makes_zero_collectives(run):
     assert run["results"]["collectives"]["phase2"]["calls"] == 0
     # Everything the phase-2 loop reaches through its logger is labelled apart; pin those labels down too: no
-    # averaged-curve work with the default "end", no collective in a worker of one process (issue 14: monitoring
+    # averaged-curve work with the default "end", no collective in a worker of one process (monitoring
     # goes through files), and each worker's own evaluations make none either.
     assert run["results"]["collectives"]["averaged_curve"]["calls"] == 0
     assert run["results"]["collectives"]["phase2_in_group"]["calls"] == 0
@@ -126,7 +126,7 @@ def test_phase2_makes_zero_collectives(run):
 def test_phase1_syncs_once_per_step_and_once_per_epoch(run):
     """One gradient all-reduce per optimizer step (the tiny model fits one DDP bucket; micro-batches run under
     no_sync), one metrics all-reduce per epoch (the τ decision) and one BN-buffer broadcast when phase 1 ends.
-    No per-step buffer broadcast: DDP's broadcast_buffers is off (issue 5), and the results do not change."""
+    No per-step buffer broadcast: DDP's broadcast_buffers is off, and the results do not change."""
     p1 = run["results"]["phase1"]
     assert run["results"]["collectives"]["phase1"]["calls"] == p1["steps"] + p1["epochs"] + 1
 
@@ -207,7 +207,7 @@ def test_launch_that_is_not_one_group_is_refused(tmp_path):
 
 
 def test_compiled_model_runs_all_three_phases_with_plain_checkpoints(tmp_path, data_cache, run2):
-    """`model.compile: true` (issue 5): the in-place compile keeps state_dict keys, so worker files and the
+    """`model.compile: true`: the in-place compile keeps state_dict keys, so worker files and the
     averaged model load into an uncompiled model; the run trains like the eager one (same recipe, run2)."""
     recipe = tiny_recipe(tmp_path, data_cache, model={"compile": True})
     out = tmp_path / "run"
@@ -223,7 +223,7 @@ def test_compiled_model_runs_all_three_phases_with_plain_checkpoints(tmp_path, d
 
 
 def test_export_loads_back_with_timm_and_gives_the_same_logits(run2, tmp_path):
-    """`swap_accel export` writes timm's hub layout (issue 13): timm loads the folder with `local-dir:` and the
+    """`swap_accel export` writes timm's hub layout: timm loads the folder with `local-dir:` and the
     model's logits equal those of the run's own model.safetensors; config.json carries what a user needs."""
     import timm
 

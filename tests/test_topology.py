@@ -1,4 +1,4 @@
-"""Workers are not processes (issue 9), with real processes, real gloo collectives and real Fashion-MNIST:
+"""Workers are not processes, with real processes, real gloo collectives and real Fashion-MNIST:
 worker groups (P = 4, W = 2; P = 2, W = 1 in test_samples.py), several workers per process in turn (P = 2, W = 4, with a
 SIGKILL in the third worker), and `average` over two --from-phase1 runs with different seeds.
 """
@@ -132,7 +132,7 @@ def test_groups_reduce_only_inside_themselves(groups):
     assert c["phase2"]["calls"] == 0  # nothing between the groups
     # Inside a group, per step one gradient all-reduce per DDP bucket (the tiny model fits one); per epoch one sum
     # of the epoch's loss/accuracy and one broadcast of the leader's BN statistics; once, the leader's decision of
-    # where the worker starts (issue 14).
+    # where the worker starts.
     assert c["phase2_in_group"]["calls"] == steps + 2 * epochs + 1
     assert r["phase2"]["processes_per_worker"] == 2 and r["phase2"]["workers"] == 2
 

@@ -1,4 +1,4 @@
-"""Issue 12, item 3: choosing the transition point. The gradient noise scale estimator against a known gradient
+"""Choosing the transition point. The gradient noise scale estimator against a known gradient
 variance, its DDP comm hook against hand-computed gradients on two real processes, the held-out split, the
 recommendation rule, and a real `swap_accel transition` search on two processes whose rows are checked against
 the runs' own checkpoints and a held-out accuracy recomputed here."""

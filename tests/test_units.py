@@ -201,7 +201,7 @@ def test_bare_yaml_off_means_off(tmp_path):
 
 
 def test_bare_yaml_no_means_no_mixed_precision(tmp_path):
-    # YAML 1.1 reads `no` as false: `mixed_precision: no` and `--set mixed_precision=no` were refused (issue 13).
+    # YAML 1.1 reads `no` as false: `mixed_precision: no` and `--set mixed_precision=no` must mean "no".
     assert load_recipe(_write(tmp_path, BASE + "mixed_precision: no\n")).mixed_precision == "no"
     recipe = load_recipe(_write(tmp_path, BASE + "mixed_precision: fp16\n"), ["mixed_precision=no"])
     assert recipe.mixed_precision == "no"
@@ -224,7 +224,7 @@ def test_nan_weights_or_bn_statistics_stop_before_a_checkpoint(poison):
 
 
 def test_fp16_fused_sgd_equals_plain_sgd_through_skipped_first_steps():
-    """make_sgd(fp16=True) is fused, so the loss scaler's inf check stays on the device (issue 13); torch's fused
+    """make_sgd(fp16=True) is fused, so the loss scaler's inf check stays on the device; torch's fused
     SGD leaves its momentum buffers uninitialised when the first step is skipped. The pre-zeroed buffers make
     it bitwise the plain SGD through skipped and applied steps alike."""
     from swap_accel.phase2 import make_sgd
