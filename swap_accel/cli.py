@@ -39,8 +39,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .distributed import DistributedError
     from .geometry import LandscapeError
+    from .loop import TrainingDiverged
     from .models import ModelError
-    from .phase1 import TrainingDiverged
     from .recipe import RecipeError
     from .transition import TransitionError
 

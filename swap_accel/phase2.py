@@ -11,9 +11,7 @@ collective counter in `distributed` proves it for every run (`phase2` = 0, `phas
 
 from __future__ import annotations
 
-import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,26 +21,19 @@ from accelerate import Accelerator
 
 from .data import DataSource
 from .distributed import all_reduce_sum, all_true, broadcast_buffers_
-from .phase1 import TrainingDiverged, log_off_clock, require_finite
+from .loop import EpochLoop, LoopResult, require_finite
 from .precision import LossScale, new_scaler
 from .recipe import OptimizerConfig, Phase2Config
-from .resume import Checkpointer, restore_loop, restore_optimizer
+from .resume import Checkpointer, restore_optimizer
 from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, shard_loss_weights, worker_order, worker_shard
 from .schedules import make_schedule
 from .snapshots import CycleSamples
 
 
 @dataclass
-class Phase2Result:
-    epochs: int = 0
-    steps: int = 0
-    seconds: float = 0.0
-    train_acc: float = 0.0
-    train_loss: float = 0.0
+class Phase2Result(LoopResult):
     samples_per_epoch: list[int] = field(default_factory=list)
     order_digests: list[str] = field(default_factory=list)
-    loss_scale: dict | None = None  # fp16: the final scale, skipped steps and growths
-    history: list[dict] = field(default_factory=list)
 
 
 def make_sgd(module: torch.nn.Module, opt_cfg: OptimizerConfig, lr: float, *, fp16: bool = False) -> torch.optim.SGD:
@@ -103,25 +94,20 @@ def train_phase2(
     torch.manual_seed(_member_seed(seed, WORKER_RNG, worker, member=member))
     random.seed(_member_seed(seed, WORKER_RNG, worker, member=member))  # timm's streaming transforms use it
     result = Phase2Result()
-    first_epoch, resumed_done, resumed_totals = 0, 0, None
-    if resume is not None:  # continue exactly where this worker's checkpoint stopped
+    if resume is not None:
         restore_optimizer(resume, module, optimizer, loss_scale)
-        first_epoch, resumed_done, resumed_totals = restore_loop(
-            resume, f"member{member}.pt", result, augment_gen, accelerator.device)
-        samples.restore(first_epoch, module, accelerator.device)  # the cycles this worker finished before the stop
+    loop = EpochLoop(result, epochs=cfg.epochs, ckpt=ckpt, log=log, totals_size=4, device=accelerator.device,
+                     generator=augment_gen, resume=resume, state_file=f"member{member}.pt",
+                     what=f"worker {worker}: phase 2", lr_key="phase2.lr.peak")
+    if resume is not None:
+        samples.restore(loop.first_epoch, module, accelerator.device)  # the cycles finished before the stop
     # A one-process worker checkpoints by its own clock; a group's members must pick the same step (phase 1's way).
-    ckpt.begin(result.steps, by_clock=members == 1)
+    loop.begin(by_clock=members == 1)
     model.train()
-    start = time.perf_counter() - result.seconds
-    for epoch in range(first_epoch, cfg.epochs):
-        epoch_start = time.perf_counter()
-        done = resumed_done if epoch == first_epoch else 0
+    for epoch in loop.epochs():
+        done, totals = loop.done, loop.totals
         order = order_of(epoch)
         shard, sizes = worker_shard(order, batch_size=cfg.per_worker_batch_size, member=member, members=members)
-        # [3] is this member's epoch time, for the group's checkpoint calibration.
-        totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
-        if epoch == first_epoch and resumed_totals is not None:
-            totals = resumed_totals
         batches = source.batches(shard[sum(sizes[:done]):], sizes[done:], augment=True, generator=augment_gen)
         for x, y in log.steps(batches, phase=2, epoch=epoch, epochs=cfg.epochs, total=steps_per_epoch):
             lr = lr_at(result.steps)
@@ -134,43 +120,34 @@ def train_phase2(
             loss_scale.backward(loss if weight == 1.0 else loss * weight)
             loss_scale.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
-            result.steps += 1
-            totals[0] += loss.detach() * y.numel()
-            totals[1] += (logits.argmax(1) == y).sum()
-            totals[2] += y.numel()
-            if ckpt.due(result.steps):
-                result.seconds, result.loss_scale = time.perf_counter() - start, loss_scale.summary()
-                require_finite(module, f"worker {worker}: phase 2 step {result.steps}", ckpt, totals,
+            due = loop.step_done()
+            totals.add(loss, logits, y)
+            if due:
+                loop.stamp(loss_scale)
+                require_finite(module, f"worker {worker}: phase 2 step {result.steps}", ckpt, totals.tensor,
                                agree=(lambda finite: all_true(finite, accelerator, group)) if group else bool)
                 ckpt.save_phase2(module, optimizer, loss_scale, result, worker=worker, epoch=epoch,
-                                 step_in_epoch=result.steps - epoch * steps_per_epoch, totals=totals,
+                                 step_in_epoch=result.steps - epoch * steps_per_epoch, totals=totals.tensor,
                                  generator=augment_gen, group=group, member=member, members=members)
-        totals[3] = time.perf_counter() - epoch_start
+        totals.tensor[totals.SECONDS] = loop.epoch_seconds()
         if group is not None:  # the worker's epoch numbers, over all its members' shards
-            all_reduce_sum(totals, accelerator, group)
-            ckpt.calibrate(totals[3].item() / members / max(1, steps_per_epoch - done))
-        loss_sum, correct, count, _ = totals.tolist()
-        result.epochs = epoch + 1
-        result.train_loss, result.train_acc = loss_sum / count, correct / count
+            all_reduce_sum(totals.tensor, accelerator, group)
+            ckpt.calibrate(totals.tensor[totals.SECONDS].item() / members / max(1, steps_per_epoch - done))
+        loss_sum, correct, count, _ = totals.tensor.tolist()
+        loop.end_epoch(epoch, loss_sum, correct, count)
         result.samples_per_epoch.append(int(count))
         result.order_digests.append(digest(order))
-        if not math.isfinite(result.train_loss):
-            raise TrainingDiverged(f"worker {worker}: phase 2 loss became {result.train_loss} by step {result.steps}; "
-                                   f"stopped there, the last good checkpoint is kept "
-                                   f"({ckpt.last_good or 'none was written yet'}); lower phase2.lr.peak and rerun "
-                                   "with --overwrite")
         if group is not None:
             # Members' BN running statistics saw different shards; from here on (evaluation, the saved worker)
             # the worker's statistics are its leader's. Training-mode forwards never read them, so a resume,
             # which restores the leader's, trains bit for bit as the uninterrupted run.
             broadcast_buffers_(module, accelerator, group)
         samples.take(module, epoch, ckpt, result.steps)
-        seconds = time.perf_counter() - epoch_start
-        lr = lr_at(result.steps - 1)
-        row = {"phase": 2, "worker": worker, "epoch": result.epochs, "step": result.steps, "lr": lr,
-               "train_loss": result.train_loss, "train_acc": result.train_acc, "images_per_s": count / seconds,
-               "seconds": seconds}
+        seconds = loop.epoch_seconds()
+        row = {"phase": 2, "worker": worker, "epoch": result.epochs, "step": result.steps,
+               "lr": lr_at(result.steps - 1), "train_loss": result.train_loss, "train_acc": result.train_acc,
+               "images_per_s": count / seconds, "seconds": seconds}
         result.history.append(row)
-        start += log_off_clock(log, row)
-    result.seconds, result.loss_scale = time.perf_counter() - start, loss_scale.summary()
+        loop.log(row)
+    loop.stamp(loss_scale)
     return result

@@ -29,12 +29,14 @@ from swap_accel.phase2 import _member_seed
 from swap_accel.resume import loop_state, restore_loop
 from swap_accel.sampling import WORKER_RNG
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
     from swap_accel.distributed import broadcast_object, flat_state, make_accelerator
     from swap_accel.phase3 import average_workers_
-    from swap_accel.phase1 import TrainingDiverged, require_finite
+    from swap_accel.loop import TrainingDiverged, require_finite
     from swap_accel.distributed import all_true
     from swap_accel.resume import Start
 

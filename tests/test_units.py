@@ -213,7 +213,7 @@ def test_bare_yaml_no_means_no_mixed_precision(tmp_path):
 def test_nan_weights_or_bn_statistics_stop_before_a_checkpoint(poison):
     from types import SimpleNamespace
 
-    from swap_accel.phase1 import TrainingDiverged, require_finite
+    from swap_accel.loop import TrainingDiverged, require_finite
 
     module = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8})
     ckpt = SimpleNamespace(last_good="p1-step-10")
