@@ -138,6 +138,7 @@ def cases(tmp_path_factory, data_cache):
     ]
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_fast_with_one_line(cases, monkeypatch):
     tmp, finished, table = cases
     assert len(table) >= 20
@@ -184,6 +185,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path)
     assert "p1-step00000010" in warnings[0] and "truncated checkpoint" in warnings[0]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_cache):
     recipe = tiny_recipe(tmp_path, data_cache, phase1={"lr": {"peak": 1e4, "warmup_epochs": 1}},
                          checkpoint={"every_steps": 1}, data={"train_subset": 1008})

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from launching import ROOT, launch, needs_fashion, tiny_recipe
 from typer.testing import CliRunner
 
@@ -17,18 +18,21 @@ def swap_accel(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_validate_prints_resolved_recipe():
     result = swap_accel("validate", "recipes/fashion_mnist.yaml", "--num-processes", "8", "--set", "phase2.epochs=3")
     assert result.returncode == 0, result.stderr
     assert "epochs: 3" in result.stdout and "# ok: valid for 8 process(es)" in result.stdout
 
 
+@pytest.mark.slow
 def test_models_lists_resnet9_and_timm_models():
     result = swap_accel("models", "resnet")
     names = result.stdout.split()
     assert result.returncode == 0 and "resnet9" in names and "resnet50" in names
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_without_traceback(tmp_path):
     for args, fragment in [
         (["validate", "recipes/fashion_mnist.yaml", "--set", "model.name=resnet500"], "unknown model 'resnet500'"),
@@ -43,11 +47,13 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (args, result.stderr)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback():
     result = swap_accel("validate", "recipes/fashion_mnist.yaml", "--set", "model.name=resnet500", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_multiprocess_launch_refuses_bad_recipe_on_every_rank(tmp_path, data_cache):
     recipe = tiny_recipe(tmp_path, data_cache, phase1={"global_batch_size": 255})
@@ -57,6 +63,7 @@ def test_multiprocess_launch_refuses_bad_recipe_on_every_rank(tmp_path, data_cac
     assert not (tmp_path / "run").exists()  # refused before any work started
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_sgd_mode_and_finished_run_protection(tmp_path, data_cache):
     recipe = tiny_recipe(tmp_path, data_cache, mode="sgd", phase1={"max_epochs": 2})
@@ -73,6 +80,7 @@ def test_sgd_mode_and_finished_run_protection(tmp_path, data_cache):
     assert (out / "results.json").read_bytes() == before
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_set_model_name_swaps_any_timm_family_into_the_quickstart_recipe(tmp_path, data_cache):
     """The quickstart's ResNet-9 width does not leak into another model; a ViT is built for the data's

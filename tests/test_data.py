@@ -142,6 +142,7 @@ def test_subset_is_deterministic(fashion_cfg: DataConfig, fashion_train: InMemor
         load_data(fashion_cfg.model_copy(update={"train_subset": 70000}), CPU, split="train")
 
 
+@pytest.mark.slow
 def test_concurrent_prepare_data_builds_one_cache(tmp_path: Path) -> None:
     root, cache = _tiny_fashion(tmp_path / "idx"), tmp_path / "cache"
     code = (

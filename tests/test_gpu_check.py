@@ -11,9 +11,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from launching import ROOT, needs_fashion
 
-pytestmark = needs_fashion
+pytestmark = [needs_fashion, pytest.mark.slow]
 
 
 def test_gpu_check_dry_run_exercises_every_precision_and_guard(tmp_path):

@@ -28,6 +28,8 @@ from swap_accel.models import build_model
 from swap_accel.recipe import load_recipe
 from swap_accel.sampling import bn_order
 
+pytestmark = pytest.mark.slow
+
 
 def test_plane_basis_is_orthonormal_and_places_the_three_models():
     g = torch.Generator().manual_seed(0)

@@ -71,7 +71,7 @@ def tracked(tmp_path_factory, data_cache):
             "summary": summary, "config": config, "run_dir": wandb_file.parent, "result": result}
 
 
-pytestmark = needs_fashion
+pytestmark = [needs_fashion, pytest.mark.slow]
 
 
 def test_wandb_run_has_phase_keyed_metrics_and_config(tracked):

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 
+import pytest
 from launching import (
     ENV,
     ROOT,
@@ -26,7 +27,7 @@ from launching import (
     train_command,
 )
 
-pytestmark = needs_fashion
+pytestmark = [needs_fashion, pytest.mark.slow]
 
 INIT = 2.0**20
 

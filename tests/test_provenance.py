@@ -33,7 +33,7 @@ from swap_accel.data import FASHION_MNIST_FILES
 from swap_accel.recipe import load_recipe
 from swap_accel.transition import plan
 
-pytestmark = needs_fashion
+pytestmark = [needs_fashion, pytest.mark.slow]
 TRAIN, TEST, HELD = 1536, 500, 300
 
 

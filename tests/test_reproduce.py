@@ -211,6 +211,7 @@ def test_store_drops_runs_of_other_settings_and_dependents_of_an_older_phase1(tm
     assert found["swap-w8", 0]["device_name"] == "NVIDIA H200"
 
 
+@pytest.mark.slow
 def test_dry_run_plans_on_this_device_without_running_or_writing(tmp_path):
     """`--budget-minutes ... --dry-run` calibrates this device on the recipe's model and prints the plan; nothing
     is trained and nothing is written under benchmarks/results."""

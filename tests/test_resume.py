@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 
 from swap_accel.checkpoints import verify_checkpoint
 
-pytestmark = needs_fashion
+pytestmark = [needs_fashion, pytest.mark.slow]
 # Two samples per worker, one at the end of each of two 1-epoch cycles (21 steps each).
 SAMPLED = {"phase2": {"epochs": 2, "samples_per_worker": 2, "lr": {"peak": 0.05, "cycles": 2}}}
 

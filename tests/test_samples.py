@@ -117,6 +117,7 @@ def test_sgd_baselines_ignore_sampling_settings_they_do_not_read():
     load_recipe(ROOT / "recipes" / "fashion_mnist.yaml", ["mode=sgd", "phase2.samples_per_worker=2"])
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_swa_is_one_data_parallel_model_whose_cycle_end_samples_phase3_averages(tmp_path, data_cache):
     """Table 4's SWA rows through SWAP's code: phase 1 for its whole budget (no τ), then one model data-parallel

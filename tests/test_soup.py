@@ -19,6 +19,8 @@ from swap_accel.distributed import flat_state
 from swap_accel.recipe import RecipeError, load_recipe
 from swap_accel.soup import greedy_soup
 
+pytestmark = pytest.mark.slow
+
 
 def test_greedy_keeps_workers_that_do_not_hurt_and_leaves_a_bad_one_out():
     """Score = minus the distance of the weights to a target: averaging the good workers, whose errors cancel,

@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from launching import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def _pytest(tmp_path, **env) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from swap_accel.models import build_model
 from swap_accel.recipe import load_recipe
 from swap_accel.sampling import bn_order, digest, worker_order
 
-pytestmark = needs_fashion
+pytestmark = [needs_fashion, pytest.mark.slow]
 
 
 def _run(tmp_path_factory, data_cache, processes: int):

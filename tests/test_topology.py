@@ -35,7 +35,7 @@ from swap_accel.recipe import RecipeError, load_recipe
 from swap_accel.sampling import digest, worker_order, worker_shard
 from swap_accel.topology import WorkerLayout, layout_error
 
-pytestmark = needs_fashion
+pytestmark = [needs_fashion, pytest.mark.slow]
 N = 2048  # tiny_recipe's training subset
 # 4 processes need a global batch divisible by 4 and a micro-batch dividing the per-process batch.
 GROUPS4 = {"global_batch_size": 256, "micro_batch_size": 32}

@@ -86,6 +86,7 @@ HOOK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_comm_hook_measures_the_local_and_the_all_reduced_gradient_on_two_real_processes(tmp_path):
     outs = run_on_ranks(HOOK_SCRIPT, tmp_path)
     assert outs[0]["local_sq"] != pytest.approx(outs[1]["local_sq"])  # different data per rank
@@ -125,6 +126,7 @@ def test_recommendation_is_the_fastest_within_one_standard_error_of_the_best():
             parse_candidates(bad)
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_transition_search_on_two_real_processes(tmp_path, data_cache):
     """One phase-1 run to the highest τ keeps p1-tau<τ> where each candidate was first reached; the other
