@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def inner(args) -> None:
     from benchmarks.common import fashion
-    from swap_accel.bn import bn_layers, recalibrate_bn_
-    from swap_accel.distributed import make_accelerator
+    from swap_accel.algorithm.bn import bn_layers, recalibrate_bn_
     from swap_accel.models import build_model
+    from swap_accel.parallel.distributed import make_accelerator
 
     accelerator = make_accelerator()
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import swap_accel  # noqa: F401
 from benchmarks.common import alternate, fashion, save
-from swap_accel.data import InMemorySource
+from swap_accel.data.sources import InMemorySource
 from swap_accel.models import build_model
 from swap_accel.recipe import AugmentConfig
 

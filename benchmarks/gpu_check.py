@@ -59,7 +59,7 @@ class CollectiveGuard:
     def __init__(self, strict: set[str]) -> None:
         import torch.distributed as dist
 
-        from swap_accel.counting import _COUNTED, _group_position, group_argument
+        from swap_accel.parallel.counting import _COUNTED, _group_position, group_argument
 
         self._group_argument = group_argument
 
@@ -110,7 +110,7 @@ class StepSyncGuard:
     one per-step entry point (`Monitor.steps`, which yields each batch), so batch fetch and step are covered."""
 
     def __init__(self, cuda: bool) -> None:
-        from swap_accel.monitor import Monitor
+        from swap_accel.monitoring.monitor import Monitor
 
         self.cuda, self.steps, self.syncs = cuda, 0, []
         original, guard = Monitor.steps, self
@@ -184,10 +184,10 @@ def run_precision(precision: str, out: Path, dry_run: bool) -> dict:
 def hand_written_step(recipe, steps: int, cuda: bool, repeats: int) -> float:
     """The same model, batch, micro-batches, SGD, autocast and in-memory data pipeline as swap_accel's phase 1,
     written as a plain loop: the baseline for the overhead ratio. Seconds per step, median of `repeats`."""
-    from swap_accel.data import load_data
+    from swap_accel.algorithm.phase2 import make_sgd
+    from swap_accel.data.sampling import phase1_shard
+    from swap_accel.data.sources import load_data
     from swap_accel.models import build_model
-    from swap_accel.phase2 import make_sgd
-    from swap_accel.sampling import phase1_shard
 
     device = torch.device("cuda" if cuda else "cpu")
     data = load_data(recipe.data, device, split="train")
@@ -225,13 +225,13 @@ def hand_written_step(recipe, steps: int, cuda: bool, repeats: int) -> float:
 
 def cifar_shape_images_per_s(dry_run: bool) -> dict:
     """Phase 1's step (swap_accel's own loop) at the CIFAR-10 recipe's shape on synthetic 3x32x32 batches."""
-    from swap_accel.data import InMemorySource
-    from swap_accel.distributed import make_accelerator
+    from swap_accel.algorithm.phase1 import train_phase1
+    from swap_accel.algorithm.phase2 import make_sgd
+    from swap_accel.checkpointing.resume import Checkpointer
+    from swap_accel.data.sources import InMemorySource
     from swap_accel.models import build_model
-    from swap_accel.phase1 import train_phase1
-    from swap_accel.phase2 import make_sgd
+    from swap_accel.parallel.distributed import make_accelerator
     from swap_accel.recipe import load_recipe
-    from swap_accel.resume import Checkpointer
 
     width = 8 if dry_run else 64
     recipe = load_recipe(RECIPE, overrides("fp32", dry_run) + [f"model.kwargs={{base_width: {width}}}"])

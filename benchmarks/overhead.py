@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import alternate, fashion, save
-from swap_accel.augment import augment_batch, cutout_
-from swap_accel.counting import CollectiveCounter
-from swap_accel.distributed import make_accelerator
+from swap_accel.algorithm.phase1 import train_phase1
+from swap_accel.algorithm.phase2 import make_sgd, train_phase2
+from swap_accel.checkpointing.resume import Checkpointer
+from swap_accel.checkpointing.snapshots import CycleSamples
+from swap_accel.data.augment import augment_batch, cutout_
+from swap_accel.data.sampling import phase1_shard
 from swap_accel.models import build_model
-from swap_accel.monitor import Monitor
-from swap_accel.phase1 import train_phase1
-from swap_accel.phase2 import make_sgd, train_phase2
-from swap_accel.progress import Progress
+from swap_accel.monitoring.monitor import Monitor
+from swap_accel.monitoring.progress import Progress
+from swap_accel.parallel.counting import CollectiveCounter
+from swap_accel.parallel.distributed import make_accelerator
 from swap_accel.recipe import LRConfig, OptimizerConfig, Phase1Config, Phase2Config, load_recipe
-from swap_accel.resume import Checkpointer
-from swap_accel.sampling import phase1_shard
-from swap_accel.snapshots import CycleSamples
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ import torch
 
 from benchmarks.common import save
 from benchmarks.regimes import REGIMES
-from swap_accel.checkpoints import load_weights
-from swap_accel.resume import ROOT
-from swap_accel.snapshots import sample_dirs
+from swap_accel.checkpointing.files import load_weights
+from swap_accel.checkpointing.resume import ROOT
+from swap_accel.checkpointing.snapshots import sample_dirs
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -33,8 +33,8 @@ from benchmarks.regimes import GAP_RECIPE as RECIPE
 from benchmarks.regimes import GAP_SB as SB
 from benchmarks.regimes import ROOT, Row
 from benchmarks.reproduce import run
+from swap_accel.algorithm.schedules import describe
 from swap_accel.recipe import load_recipe
-from swap_accel.schedules import describe
 
 SWAP_PHASE2_EPOCHS = 5  # the recipe's phase 2: one cycle of 5 small-batch epochs per worker
 # The schedule these rows were measured with (re-warming cycles), requested explicitly since mode: swa defaults to

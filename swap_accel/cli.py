@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from .preflight import preflight, run_dir_for
+from .tools.preflight import preflight, run_dir_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SWAP (Stochastic Weight Averaging in Parallel) training on Accelerate.")
@@ -35,14 +35,14 @@ def _fail(message: str, debug: bool) -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoints import CheckpointError
-    from .data import DataError
-    from .distributed import DistributedError
-    from .geometry import LandscapeError
-    from .loop import TrainingDiverged
+    from .algorithm.loop import TrainingDiverged
+    from .checkpointing.files import CheckpointError
+    from .data.sources import DataError
     from .models import ModelError
+    from .parallel.distributed import DistributedError
     from .recipe import RecipeError
-    from .transition import TransitionError
+    from .tools.geometry import LandscapeError
+    from .tools.transition import TransitionError
 
     return (RecipeError, DataError, ModelError, DistributedError, TrainingDiverged, CheckpointError, FileExistsError,
             PermissionError, LandscapeError, TransitionError)
@@ -64,7 +64,7 @@ def train(
     --num_processes N): without a config accelerate starts one process, so phase 2 has one worker unless
     phase2.workers says more."""
     try:
-        from .distributed import launched_world_size
+        from .parallel.distributed import launched_world_size
         from .train import train as run
 
         extra = [f"from_phase1={from_phase1}"] if from_phase1 else []
@@ -117,11 +117,11 @@ def average(
     """Average worker checkpoints, recompute BN statistics, evaluate: phase 3 for any set of workers, e.g. the
     survivors of a run that lost one (phase 2 needs no worker to wait for another), or a greedy soup of them."""
     try:
-        from .average_cmd import average as run
-        from .average_cmd import check_out, resolve_workers
-        from .data import prepare_data
+        from .data.sources import prepare_data
         from .models import check_model_name
         from .recipe import load_recipe
+        from .tools.average import average as run
+        from .tools.average import check_out, resolve_workers
 
         parsed = load_recipe(recipe, [*(overrides or []), *([f"phase3.selection={selection}"] if selection else [])])
         check_model_name(parsed.model.name)
@@ -141,8 +141,8 @@ def report(
     """Print the Table-1 table from each run's results.json and redraw its Figure 1."""
     import json
 
-    from .figure import save
-    from .report import print_table
+    from .monitoring.figure import save
+    from .monitoring.report import print_table
 
     runs = []
     for run_dir in run_dirs:
@@ -166,7 +166,7 @@ def export(
     """Export the averaged model the way timm models are shared: timm.create_model('local-dir:OUT', pretrained=True)
     loads it, `--push` uploads it."""
     try:
-        from .export import export as run
+        from .tools.export import export as run
 
         # A file where the folder (or one of its parents) should be: one line, not save_for_hf's NotADirectoryError.
         blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
@@ -197,9 +197,9 @@ def landscape(
     section 4, Figures 2-3): landscape.png and landscape.json. `accelerate launch -m swap_accel landscape` spreads
     the grid over the processes."""
     try:
-        from .geometry import LandscapeError
-        from .landscape import landscape as run
-        from .landscape import model_path
+        from .tools.geometry import LandscapeError
+        from .tools.landscape import landscape as run
+        from .tools.landscape import model_path
 
         names = [n.strip() for n in points.split(",")]
         if len(names) != 3 or len(set(names)) != 3:
@@ -232,8 +232,8 @@ def cosine(
     (paper section 4.2, Figure 4), from the worker's checkpoints: record more of them with
     --set checkpoint.every_steps=S --set checkpoint.keep=K when training."""
     try:
-        from .cosine import cosine_curve
-        from .geometry import LandscapeError
+        from .tools.cosine import cosine_curve
+        from .tools.geometry import LandscapeError
 
         if not (run_dir / "recipe.yaml").is_file():
             raise LandscapeError(f"{run_dir} is not a run directory (no recipe.yaml); pass the --out of a train run")
@@ -272,8 +272,8 @@ def transition(
     also reports the gradient noise scale B_simple. Run it as a plain command: it launches the runs itself."""
     try:
         from .recipe import load_recipe
-        from .transition import parse_candidates, print_report
-        from .transition import run as search
+        from .tools.transition import parse_candidates, print_report
+        from .tools.transition import run as search
 
         taus = parse_candidates(candidates)
         default_config = Path("accelerate_config.yaml")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import gather_values
-from .phase1 import Phase1Result
-from .phase3 import Phase3Result
-from .report import averaging_summary, run_header, training_seconds
+from .algorithm.phase1 import Phase1Result
+from .algorithm.phase3 import Phase3Result
+from .algorithm.workers import Phase2Outcome, gathered_rows
+from .monitoring.report import averaging_summary, run_header, training_seconds
+from .parallel.distributed import gather_values
 from .run_context import RunContext
-from .workers import Phase2Outcome, gathered_rows
 
 
 def phase1_results(run: RunContext, p1: Phase1Result, test_acc: float, test_acc_bn: float | None) -> dict:

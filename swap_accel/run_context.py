@@ -18,23 +18,24 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import __version__, figure, tracking
-from .checkpoints import save_weights, weights_identity, write_json, write_text
-from .counting import CollectiveCounter
-from .data import DataSource, load_data
-from .distributed import broadcast_object, gather_values, make_accelerator, make_worker_group
-from .evaluate import evaluate_shared
-from .liveness import Heartbeat
+from . import __version__
+from .algorithm.evaluate import evaluate_shared
+from .algorithm.noise_scale import GradientNoise
+from .algorithm.phase1 import warn_ghost_batchnorm
+from .algorithm.phase2 import make_sgd
+from .checkpointing.files import save_weights, weights_identity, write_json, write_text
+from .checkpointing.resume import Checkpointer, Start, find_start
+from .checkpointing.rundir import discard_outputs
+from .data.sources import DataSource, load_data
 from .models import build_model
-from .monitor import Monitor
-from .noise_scale import GradientNoise
-from .phase1 import warn_ghost_batchnorm
-from .phase2 import make_sgd
-from .progress import Progress
+from .monitoring import figure, tracking
+from .monitoring.monitor import Monitor
+from .monitoring.progress import Progress
+from .monitoring.report import print_table, table_rows
+from .parallel.counting import CollectiveCounter
+from .parallel.distributed import broadcast_object, gather_values, make_accelerator, make_worker_group
+from .parallel.liveness import Heartbeat
 from .recipe import Recipe, dump_recipe
-from .report import print_table, table_rows
-from .resume import Checkpointer, Start, find_start
-from .rundir import discard_outputs
 from .topology import WorkerLayout
 
 # averaged_curve is the opt-in Figure-1 curve of the averaged model, counted apart so phase 2 itself stays at

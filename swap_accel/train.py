@@ -18,19 +18,19 @@ import dataclasses
 import time
 from pathlib import Path
 
-from . import tracking
-from .distributed import DistributedError, broadcast_buffers_, flat_state, peers_required
-from .evaluate import evaluate_recalibrated, evaluate_shared
-from .liveness import BEAT_SECONDS, DEAD_AFTER_BEATS, wait_for_all
-from .phase1 import Phase1Result, train_phase1
-from .phase3 import Phase3Result, average_workers_, run_phase3
+from .algorithm.evaluate import evaluate_recalibrated, evaluate_shared
+from .algorithm.phase1 import Phase1Result, train_phase1
+from .algorithm.phase3 import Phase3Result, average_workers_, run_phase3
+from .algorithm.workers import Phase2Outcome, run_workers
+from .checkpointing.resume import finished_workers, load_result
+from .checkpointing.snapshots import finished_sample_states, model_name
+from .data.sampling import digest
+from .monitoring import tracking
+from .parallel.distributed import DistributedError, broadcast_buffers_, flat_state, peers_required
+from .parallel.liveness import BEAT_SECONDS, DEAD_AFTER_BEATS, wait_for_all
 from .recipe import Recipe
 from .results import phase1_results, swap_results
-from .resume import finished_workers, load_result
 from .run_context import RunContext
-from .sampling import digest
-from .snapshots import finished_sample_states, model_name
-from .workers import Phase2Outcome, run_workers
 
 
 def train(recipe: Recipe, run_dir: Path, *, fresh: bool = False) -> dict | None:

@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import swap_accel.train
-from swap_accel.checkpoints import CheckpointError, commit_checkpoint, load_state, save_weights
+from swap_accel.checkpointing.files import CheckpointError, commit_checkpoint, load_state, save_weights
+from swap_accel.checkpointing.resume import newest_good
 from swap_accel.cli import app
 from swap_accel.models import build_model
 from swap_accel.recipe import dump_recipe, load_recipe
-from swap_accel.resume import newest_good
 
 pytestmark = needs_fashion
 
@@ -206,7 +206,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_an_explicit_out_keeps_any_name_and_the_default_stays_in_runs(tmp_path, data_cache):
-    from swap_accel.preflight import run_dir_for
+    from swap_accel.tools.preflight import run_dir_for
 
     recipe = load_recipe(tiny_recipe(tmp_path, data_cache), ["name=../elsewhere"])
     assert run_dir_for(recipe, tmp_path / "mine") == tmp_path / "mine"  # --out anywhere is the user's choice
@@ -217,7 +217,7 @@ def test_an_explicit_out_keeps_any_name_and_the_default_stays_in_runs(tmp_path, 
 def test_model_sha256_identifies_the_tensors_not_the_file(tmp_path):
     """Two files of bitwise-equal tensors whose safetensors headers differ report one model_sha256; the
     file checksum stays under its own name, for integrity."""
-    from swap_accel.checkpoints import weights_identity
+    from swap_accel.checkpointing.files import weights_identity
 
     module = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8})
     save_weights(tmp_path / "a.safetensors", module, {"name": "a", "test_acc": "0.5"})

@@ -25,20 +25,20 @@ from launching import (
     train_command,
 )
 
-from swap_accel.phase2 import _member_seed
-from swap_accel.resume import loop_state, restore_loop
-from swap_accel.sampling import WORKER_RNG
+from swap_accel.algorithm.phase2 import _member_seed
+from swap_accel.checkpointing.resume import loop_state, restore_loop
+from swap_accel.data.sampling import WORKER_RNG
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
-    from swap_accel.distributed import broadcast_object, flat_state, make_accelerator
-    from swap_accel.phase3 import average_workers_
-    from swap_accel.loop import TrainingDiverged, require_finite
-    from swap_accel.distributed import all_true
-    from swap_accel.resume import Start
+    from swap_accel.parallel.distributed import broadcast_object, flat_state, make_accelerator
+    from swap_accel.algorithm.phase3 import average_workers_
+    from swap_accel.algorithm.loop import TrainingDiverged, require_finite
+    from swap_accel.parallel.distributed import all_true
+    from swap_accel.checkpointing.resume import Start
 
     acc = make_accelerator(timeout_minutes=7)
     rank, out = acc.process_index, {}

@@ -13,9 +13,12 @@ import pytest
 import torch
 from launching import ACCELERATE, ROOT, free_port, launch, needs_fashion, tiny_recipe
 
-from swap_accel.checkpoints import load_weights_into
-from swap_accel.data import load_data
-from swap_accel.geometry import (
+from swap_accel.checkpointing.files import load_weights_into
+from swap_accel.data.sampling import bn_order
+from swap_accel.data.sources import load_data
+from swap_accel.models import build_model
+from swap_accel.recipe import load_recipe
+from swap_accel.tools.geometry import (
     LandscapeError,
     direction_cosine,
     flat_parameters,
@@ -23,10 +26,7 @@ from swap_accel.geometry import (
     plane_through,
     set_parameters_,
 )
-from swap_accel.landscape import model_path
-from swap_accel.models import build_model
-from swap_accel.recipe import load_recipe
-from swap_accel.sampling import bn_order
+from swap_accel.tools.landscape import model_path
 
 pytestmark = pytest.mark.slow
 

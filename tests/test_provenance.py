@@ -24,14 +24,14 @@ from launching import FASHION, ROOT, launch, needs_fashion, tiny_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import swap_accel.average_cmd
+import swap_accel.tools.average
+import swap_accel.tools.transition
 import swap_accel.train
-import swap_accel.transition
-from swap_accel.checkpoints import commit_checkpoint
+from swap_accel.checkpointing.files import commit_checkpoint
 from swap_accel.cli import app
-from swap_accel.data import FASHION_MNIST_FILES
+from swap_accel.data.sources import FASHION_MNIST_FILES
 from swap_accel.recipe import load_recipe
-from swap_accel.transition import plan
+from swap_accel.tools.transition import plan
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 TRAIN, TEST, HELD = 1536, 500, 300
@@ -73,8 +73,8 @@ def _invoke(argv: list[str], monkeypatch) -> tuple[int, list[str], list]:
     """The real command line in this process, with every way past the preflight replaced by a recorder."""
     started = []
     monkeypatch.setattr(swap_accel.train, "train", lambda *a, **k: started.append(("train", a)))
-    monkeypatch.setattr(swap_accel.average_cmd, "average", lambda *a, **k: started.append(("average", a)))
-    monkeypatch.setattr(swap_accel.transition, "subprocess",
+    monkeypatch.setattr(swap_accel.tools.average, "average", lambda *a, **k: started.append(("average", a)))
+    monkeypatch.setattr(swap_accel.tools.transition, "subprocess",
                         SimpleNamespace(run=lambda cmd, **k: started.append(("launch", cmd))))
     result = CliRunner().invoke(app, [str(a) for a in argv], env={"WORLD_SIZE": "1"})
     assert "Traceback" not in result.output + result.stderr, result.stderr

@@ -37,7 +37,7 @@ from launching import (
 )
 from safetensors.torch import load_file
 
-from swap_accel.checkpoints import verify_checkpoint
+from swap_accel.checkpointing.files import verify_checkpoint
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 # Two samples per worker, one at the end of each of two 1-epoch cycles (21 steps each).
@@ -256,7 +256,7 @@ def test_a_resumed_worker_continues_from_the_sample_it_committed(reference, tmp_
     recomputation (equal on CPU, not on a GPU). Here the committed copy is made to differ (every weight + 0.01, a
     valid checkpoint): the rerun's sum and the rest of the worker's phase 2 must follow the file. One worker on one
     process, phase 1 taken from the reference run."""
-    from swap_accel.checkpoints import commit_checkpoint, load_weights
+    from swap_accel.checkpointing.files import commit_checkpoint, load_weights
 
     recipe = tiny_recipe(tmp_path, data_cache, checkpoint={"every_steps": 21}, **SAMPLED)
     out, args = tmp_path / "run", ("--from-phase1", str(reference), "--set", "tracking.eval_every=0")

@@ -13,9 +13,9 @@ import torch
 from launching import ENV, ROOT, launch, needs_fashion, tiny_recipe
 from safetensors.torch import load_file
 
+from swap_accel.algorithm.schedules import lr_at_epoch, make_schedule
+from swap_accel.checkpointing.snapshots import CycleSamples
 from swap_accel.recipe import LRConfig, Phase2Config, RecipeError, load_recipe
-from swap_accel.schedules import lr_at_epoch, make_schedule
-from swap_accel.snapshots import CycleSamples
 
 
 def test_cycles_restart_the_whole_schedule_and_one_cycle_is_the_old_schedule():
@@ -173,7 +173,7 @@ def test_a_sampled_recipe_reloads_from_the_run_directory(tmp_path):
 def test_a_saved_models_flat_state_matches_the_modules_with_non_persistent_buffers():
     """Resume, `average` and the soup read samples from disk as `flat_state_of`; a float buffer that no state dict
     holds (timm's swin attention masks) comes from the module itself, so every model keeps its full length."""
-    from swap_accel.distributed import flat_state, flat_state_of
+    from swap_accel.parallel.distributed import flat_state, flat_state_of
 
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     module[1].register_buffer("mask", torch.full((4,), 7.0), persistent=False)

@@ -14,10 +14,10 @@ import torch
 from launching import ACCELERATE, ROOT, free_port, launch, needs_fashion, tiny_recipe
 from safetensors.torch import load_file, save_file
 
-from swap_accel.checkpoints import commit_checkpoint
-from swap_accel.distributed import flat_state
+from swap_accel.algorithm.soup import greedy_soup
+from swap_accel.checkpointing.files import commit_checkpoint
+from swap_accel.parallel.distributed import flat_state
 from swap_accel.recipe import RecipeError, load_recipe
-from swap_accel.soup import greedy_soup
 
 pytestmark = pytest.mark.slow
 

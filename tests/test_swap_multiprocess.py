@@ -16,10 +16,10 @@ from launching import ROOT, free_port, launch, needs_fashion, tiny_recipe
 from safetensors.torch import load_file
 
 import swap_accel  # noqa: F401
-from swap_accel.data import load_data
+from swap_accel.data.sampling import bn_order, digest, worker_order
+from swap_accel.data.sources import load_data
 from swap_accel.models import build_model
 from swap_accel.recipe import load_recipe
-from swap_accel.sampling import bn_order, digest, worker_order
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 
@@ -75,8 +75,8 @@ def test_workers_are_also_reported_after_phase3s_bn_recalibration(run2):
     recalibrated accuracy is recomputed here from its saved weights with the same samples, independently."""
     from accelerate import Accelerator
 
-    from swap_accel.bn import recalibrate_bn_
-    from swap_accel.evaluate import evaluate_local
+    from swap_accel.algorithm.bn import recalibrate_bn_
+    from swap_accel.algorithm.evaluate import evaluate_local
 
     recipe, r = run2["recipe"], run2["results"]
     module = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8})
@@ -190,7 +190,8 @@ def test_launch_that_is_not_one_group_is_refused(tmp_path):
     # torchrun on a CPU-only machine with a plain Accelerator() starts independent single-process
     # runs (measured); swap_accel's guard must refuse that, on every rank.
     script = tmp_path / "probe.py"
-    script.write_text("from accelerate import Accelerator\nfrom swap_accel.distributed import require_one_group\n"
+    script.write_text("from accelerate import Accelerator\n"
+                      "from swap_accel.parallel.distributed import require_one_group\n"
                       "require_one_group(Accelerator())\n")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), str(script)],
@@ -198,7 +199,7 @@ def test_launch_that_is_not_one_group_is_refused(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("are not one group") == 2, result.stderr[-2000:]
     # ... and the toolkit's own accelerator forms a real group under the same launcher.
-    script.write_text("from swap_accel.distributed import make_accelerator\na = make_accelerator()\n"
+    script.write_text("from swap_accel.parallel.distributed import make_accelerator\na = make_accelerator()\n"
                       "assert a.num_processes == 2, a.num_processes\n")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), str(script)],

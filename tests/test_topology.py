@@ -30,9 +30,9 @@ from launching import (
 )
 from safetensors.torch import load_file
 
+from swap_accel.data.sampling import digest, worker_order, worker_shard
 from swap_accel.models import build_model
 from swap_accel.recipe import RecipeError, load_recipe
-from swap_accel.sampling import digest, worker_order, worker_shard
 from swap_accel.topology import WorkerLayout, layout_error
 
 pytestmark = [needs_fashion, pytest.mark.slow]
@@ -256,13 +256,13 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch.distributed as dist
     import torch.nn.functional as F
-    from swap_accel.data import InMemorySource
-    from swap_accel.distributed import data_parallel, make_accelerator
-    from swap_accel.phase2 import make_sgd, train_phase2
+    from swap_accel.data.sources import InMemorySource
+    from swap_accel.parallel.distributed import data_parallel, make_accelerator
+    from swap_accel.algorithm.phase2 import make_sgd, train_phase2
     from swap_accel.recipe import AugmentConfig, LRConfig, OptimizerConfig, Phase2Config
-    from swap_accel.sampling import worker_order
-    from swap_accel.schedules import make_schedule
-    from swap_accel.snapshots import CycleSamples
+    from swap_accel.data.sampling import worker_order
+    from swap_accel.algorithm.schedules import make_schedule
+    from swap_accel.checkpointing.snapshots import CycleSamples
 
     out = Path(sys.argv[1])
     acc = make_accelerator()
@@ -343,7 +343,7 @@ def test_a_groups_unequal_tail_weighs_every_sample_equally(tmp_path):
 
 
 def test_worker_blocks_give_every_member_two_samples_of_the_tail():
-    from swap_accel.sampling import shard_loss_weights, worker_blocks
+    from swap_accel.data.sampling import shard_loss_weights, worker_blocks
 
     assert worker_blocks(205, batch_size=100, members=2) == [100, 100, 5]
     assert worker_blocks(203, batch_size=100, members=2) == [100, 103]  # 3 < 2 x 2: joins the block before

@@ -15,12 +15,12 @@ import pytest
 import torch
 from launching import ROOT, needs_fashion, run_on_ranks, tiny_recipe
 
-from swap_accel.checkpoints import load_weights_into
-from swap_accel.data import DataError, _indices
+from swap_accel.algorithm.noise_scale import GradientNoise, estimate
+from swap_accel.checkpointing.files import load_weights_into
+from swap_accel.data.sources import DataError, _indices
 from swap_accel.models import build_model
-from swap_accel.noise_scale import GradientNoise, estimate
 from swap_accel.recipe import DataConfig, load_recipe
-from swap_accel.transition import parse_candidates, recommend
+from swap_accel.tools.transition import parse_candidates, recommend
 
 
 def test_noise_scale_recovers_a_known_gradient_variance():
@@ -51,9 +51,9 @@ HOOK_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
     import torch.distributed as dist
-    from swap_accel.distributed import make_accelerator
+    from swap_accel.parallel.distributed import make_accelerator
     from swap_accel import noise_scale
-    from swap_accel.noise_scale import GradientNoise
+    from swap_accel.algorithm.noise_scale import GradientNoise
 
     acc = make_accelerator()
     rank = acc.process_index
@@ -159,7 +159,7 @@ def test_transition_search_on_two_real_processes(tmp_path, data_cache):
     run_dir = out / f"tau{row['tau']:g}"
     r = load_recipe(run_dir / "recipe.yaml")
     assert r.data.holdout_samples == 400 and r.from_phase1 is not None
-    from swap_accel.data import load_data
+    from swap_accel.data.sources import load_data
 
     held = load_data(r.data, torch.device("cpu"), split="holdout")
     module = build_model(r.model.name, in_chans=1, num_classes=10, kwargs=r.model.kwargs, image_size=(28, 28))

@@ -7,10 +7,10 @@ import timm
 import torch
 
 import swap_accel  # noqa: F401  (registers resnet9)
+from swap_accel.algorithm.schedules import lr_at_epoch, make_schedule
+from swap_accel.data.sampling import PHASE1, bn_order, bn_shard, derive_seed, phase1_shard, worker_order
 from swap_accel.models import ModelError, build_model, check_model_name
 from swap_accel.recipe import LRConfig, RecipeError, load_recipe
-from swap_accel.sampling import PHASE1, bn_order, bn_shard, derive_seed, phase1_shard, worker_order
-from swap_accel.schedules import lr_at_epoch, make_schedule
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -213,7 +213,7 @@ def test_bare_yaml_no_means_no_mixed_precision(tmp_path):
 def test_nan_weights_or_bn_statistics_stop_before_a_checkpoint(poison):
     from types import SimpleNamespace
 
-    from swap_accel.loop import TrainingDiverged, require_finite
+    from swap_accel.algorithm.loop import TrainingDiverged, require_finite
 
     module = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 8})
     ckpt = SimpleNamespace(last_good="p1-step-10")
@@ -227,8 +227,8 @@ def test_fp16_fused_sgd_equals_plain_sgd_through_skipped_first_steps():
     """make_sgd(fp16=True) is fused, so the loss scaler's inf check stays on the device; torch's fused
     SGD leaves its momentum buffers uninitialised when the first step is skipped. The pre-zeroed buffers make
     it bitwise the plain SGD through skipped and applied steps alike."""
-    from swap_accel.phase2 import make_sgd
-    from swap_accel.precision import LossScale
+    from swap_accel.algorithm.phase2 import make_sgd
+    from swap_accel.parallel.precision import LossScale
     from swap_accel.recipe import OptimizerConfig
 
     def train(fp16: bool):
@@ -252,7 +252,7 @@ def test_fp16_fused_sgd_equals_plain_sgd_through_skipped_first_steps():
 def test_noise_scale_estimates_say_they_exclude_weight_decay_and_are_coupled_through_batchnorm():
     """B_simple here is of the loss gradient alone, measured on BN-coupled batches: every estimate (results.json's
     phase1.noise_scale, transition.json) carries that, so the number is not read as the regularised objective's."""
-    from swap_accel.noise_scale import estimate
+    from swap_accel.algorithm.noise_scale import estimate
 
     scope = estimate(1.0, 0.4, 16, 64)["scope"]
     assert "excludes weight decay" in scope and "BatchNorm" in scope and "\n" not in scope

@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..algorithm.bn import recalibrate_bn_
+from ..algorithm.evaluate import evaluate_local, evaluate_shared
+from ..algorithm.phase3 import average_workers_
+from ..checkpointing.files import write_text
+from ..data.sources import DataSource
+from ..parallel.counting import CollectiveCounter
+from ..parallel.distributed import broadcast_buffers_, flat_state
+from ..recipe import Recipe
+from ..topology import WorkerLayout
 from . import tracking
-from .bn import recalibrate_bn_
-from .checkpoints import write_text
-from .counting import CollectiveCounter
-from .data import DataSource
-from .distributed import broadcast_buffers_, flat_state
-from .evaluate import evaluate_local, evaluate_shared
-from .phase3 import average_workers_
 from .progress import Progress
-from .recipe import Recipe
-from .topology import WorkerLayout
 
 _WORKER_KEYS = ("lr", "train_loss", "train_acc", "test_acc", "images_per_s")
 

@@ -17,8 +17,8 @@ matplotlib.use("Agg")  # files only: no display on training nodes or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .recipe import LRConfig  # noqa: E402
-from .schedules import make_schedule  # noqa: E402
+from ..algorithm.schedules import make_schedule  # noqa: E402
+from ..recipe import LRConfig  # noqa: E402
 
 _SAMPLES_PER_EPOCH = 20  # LR is piecewise smooth; 20 points per epoch draw it exactly enough
 

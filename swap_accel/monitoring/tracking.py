@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 from accelerate import Accelerator
 
-from .recipe import Recipe, RecipeError, TrackingConfig
+from ..recipe import Recipe, RecipeError, TrackingConfig
 from .report import COLUMNS
 
 # Accelerate's tracker names; TensorBoard's writer may come from torch.utils.tensorboard or tensorboardX.

@@ -14,9 +14,9 @@ from accelerate import Accelerator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .data import DataSource
-from .distributed import all_reduce_sum
-from .sampling import bn_order, bn_shard
+from ..data.sampling import bn_order, bn_shard
+from ..data.sources import DataSource
+from ..parallel.distributed import all_reduce_sum
 
 
 def bn_layers(module: nn.Module) -> list[_BatchNorm]:

@@ -16,7 +16,7 @@ def run_dir_for(recipe, out: Path | None) -> Path:
         return Path(out or recipe.output_dir)  # an explicit directory anywhere is the user's choice
     # The default runs/<name> must stay inside runs/: no separators, no "..", no hidden or home names.
     if not recipe.name or any(c in recipe.name for c in "/\\") or recipe.name[0] in ".~":
-        from .recipe import RecipeError
+        from ..recipe import RecipeError
 
         raise RecipeError(f"name {recipe.name!r} is not a plain name and would put the run directory outside "
                           "runs/; use letters, digits, '-', '_' or '.' (not first), or pass --out DIR")
@@ -27,11 +27,11 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
     """All checks that need no process group; returns (recipe, run_dir)."""
     import torch
 
-    from .data import load_data, prepare_data
-    from .models import check_model_input, check_model_name
-    from .recipe import RecipeError, load_recipe
-    from .rundir import check_run_dir
-    from .tracking import check_backend
+    from ..checkpointing.rundir import check_run_dir
+    from ..data.sources import load_data, prepare_data
+    from ..models import check_model_input, check_model_name
+    from ..monitoring.tracking import check_backend
+    from ..recipe import RecipeError, load_recipe
 
     notes: list[str] = []
     recipe = load_recipe(recipe_path, overrides or [], notes)

@@ -14,7 +14,9 @@ import json
 import time
 from pathlib import Path
 
-from .checkpoints import (
+from ..algorithm.evaluate import evaluate_local, evaluate_shared
+from ..algorithm.phase3 import run_phase3
+from ..checkpointing.files import (
     CheckpointError,
     load_weights_into,
     save_weights,
@@ -23,17 +25,15 @@ from .checkpoints import (
     write_json,
     write_text,
 )
-from .counting import CollectiveCounter
-from .data import load_data, provenance_sets
-from .distributed import flat_state, load_flat_state_, make_accelerator
-from .evaluate import evaluate_local, evaluate_shared
-from .models import build_model
-from .phase3 import run_phase3
-from .recipe import Recipe, dump_recipe
-from .report import averaging_summary, print_table, run_header
-from .resume import ROOT, check_data, check_model
-from .rundir import check_writable
-from .snapshots import CycleSamples, load_flat, model_name
+from ..checkpointing.resume import ROOT, check_data, check_model
+from ..checkpointing.rundir import check_writable
+from ..checkpointing.snapshots import CycleSamples, load_flat, model_name
+from ..data.sources import load_data, provenance_sets
+from ..models import build_model
+from ..monitoring.report import averaging_summary, print_table, run_header
+from ..parallel.counting import CollectiveCounter
+from ..parallel.distributed import flat_state, load_flat_state_, make_accelerator
+from ..recipe import Recipe, dump_recipe
 
 _PHASES = ("setup", "phase3", "evaluation")
 

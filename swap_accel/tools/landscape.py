@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from .bn import recalibrate_bn_
-from .checkpoints import load_weights_into, verify_checkpoint, write_json
-from .data import load_data
-from .distributed import gather_objects, make_accelerator
-from .evaluate import evaluate_local
+from ..algorithm.bn import recalibrate_bn_
+from ..algorithm.evaluate import evaluate_local
+from ..checkpointing.files import load_weights_into, verify_checkpoint, write_json
+from ..checkpointing.resume import ROOT
+from ..data.sampling import bn_order
+from ..data.sources import load_data
+from ..models import build_model
+from ..parallel.distributed import gather_objects, make_accelerator
+from ..recipe import Recipe, load_recipe
 from .geometry import LandscapeError, flat_parameters, grid_axes, plane_through, set_parameters_
-from .models import build_model
-from .recipe import Recipe, load_recipe
-from .resume import ROOT
-from .sampling import bn_order
 
 
 def model_path(run_dir: Path, name: str) -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from .distributed import load_flat_state_
+from ..parallel.distributed import load_flat_state_
 
 
 @torch.no_grad()

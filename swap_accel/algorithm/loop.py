@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .resume import Checkpointer, restore_loop
+from ..checkpointing.resume import Checkpointer, restore_loop
 
 
 @dataclass

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError, load_weights, verify_checkpoint
-from .distributed import flat_state, flat_state_of
+from ..parallel.distributed import flat_state, flat_state_of
+from .files import CheckpointError, load_weights, verify_checkpoint
 from .resume import ROOT
 
 

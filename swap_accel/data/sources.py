@@ -6,7 +6,7 @@ accelerate's `gather_for_metrics` (paper Algorithm 1). So a `DataSource` yields 
 `order` the trainer hands it, and gives a plain DataLoader for evaluation.
 
 Two implementations. `InMemorySource` keeps uint8 images on the training device and augments whole batches
-there (swap_accel.augment): for Fashion-MNIST and CIFAR a per-sample PIL pipeline would cost more than the
+there (swap_accel.data.augment): for Fashion-MNIST and CIFAR a per-sample PIL pipeline would cost more than the
 small CNN's step. `StreamingSource` is for ImageNet-sized data: DataLoader workers decode and transform
 with timm's standard pipeline.
 
@@ -34,7 +34,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from swap_accel.augment import augment_batch, cutout_
+from swap_accel.data.augment import augment_batch, cutout_
 from swap_accel.recipe import AugmentConfig, DataConfig
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradScalerKwargs
 
-from .recipe import LossScaleConfig
+from ..recipe import LossScaleConfig
 
 
 def scaler_kwargs(cfg: LossScaleConfig) -> GradScalerKwargs:

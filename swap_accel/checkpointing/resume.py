@@ -27,7 +27,18 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (
+from ..data.sources import (
+    describe_provenance,
+    held_out_trained_on,
+    provenance,
+    provenance_sets,
+    same_data_set,
+    same_training_images,
+)
+from ..parallel.distributed import barrier
+from ..parallel.precision import LossScale
+from ..recipe import Recipe
+from .files import (
     MANIFEST,
     CheckpointError,
     commit_checkpoint,
@@ -37,17 +48,6 @@ from .checkpoints import (
     verify_checkpoint,
     write_state,
 )
-from .data import (
-    describe_provenance,
-    held_out_trained_on,
-    provenance,
-    provenance_sets,
-    same_data_set,
-    same_training_images,
-)
-from .distributed import barrier
-from .precision import LossScale
-from .recipe import Recipe
 
 ROOT = "checkpoints"
 

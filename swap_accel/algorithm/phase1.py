@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from ..checkpointing.resume import Checkpointer, restore_optimizer
+from ..data.sampling import AUGMENT, derive_seed, phase1_shard
+from ..data.sources import DataSource
+from ..parallel.distributed import all_reduce_sum, all_true
+from ..parallel.precision import LossScale
+from ..recipe import OptimizerConfig, Phase1Config
 from .bn import bn_layers
-from .data import DataSource
-from .distributed import all_reduce_sum, all_true
 from .loop import EpochLoop, LoopResult, require_finite
 from .noise_scale import SLOTS, GradientNoise
-from .precision import LossScale
-from .recipe import OptimizerConfig, Phase1Config
-from .resume import Checkpointer, restore_optimizer
-from .sampling import AUGMENT, derive_seed, phase1_shard
 from .schedules import make_schedule
 
 

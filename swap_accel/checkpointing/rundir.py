@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoints import CheckpointError
-from .recipe import Recipe
+from ..recipe import Recipe
+from .files import CheckpointError
 from .resume import ROOT, phase1_source
 
 # Keys that do not change what is computed: a re-run may change them and still resume.

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import load_weights_into, verify_checkpoint, write_json
-from .data import DataSource, load_data
+from ..checkpointing.files import load_weights_into, verify_checkpoint, write_json
+from ..checkpointing.resume import ROOT, step_dirs
+from ..data.sampling import bn_order
+from ..data.sources import DataSource, load_data
+from ..models import build_model
+from ..recipe import Recipe, load_recipe
 from .geometry import LandscapeError, direction_cosine, flat_parameters
-from .models import build_model
-from .recipe import Recipe, load_recipe
-from .resume import ROOT, step_dirs
-from .sampling import bn_order
 
 
 def trajectory(run_dir: Path, worker: int) -> list[tuple[int, Path]]:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
+from ..parallel.distributed import all_reduce_sum, load_flat_state_
 from .bn import recalibrate_bn_
-from .distributed import all_reduce_sum, load_flat_state_
 from .evaluate import evaluate_shared
 from .soup import greedy_soup
 

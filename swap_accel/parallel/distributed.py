@@ -20,10 +20,10 @@ import torch.distributed as dist
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
 
+from ..recipe import LossScaleConfig
+from ..topology import WorkerLayout
 from .counting import CollectiveCounter
 from .precision import enable_fp16_on_cpu, scaler_kwargs
-from .recipe import LossScaleConfig
-from .topology import WorkerLayout
 
 
 class DistributedError(RuntimeError):

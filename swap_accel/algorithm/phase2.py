@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from .data import DataSource
-from .distributed import all_reduce_sum, all_true, broadcast_buffers_
+from ..checkpointing.resume import Checkpointer, restore_optimizer
+from ..checkpointing.snapshots import CycleSamples
+from ..data.sampling import AUGMENT, WORKER_RNG, derive_seed, digest, shard_loss_weights, worker_order, worker_shard
+from ..data.sources import DataSource
+from ..parallel.distributed import all_reduce_sum, all_true, broadcast_buffers_
+from ..parallel.precision import LossScale, new_scaler
+from ..recipe import OptimizerConfig, Phase2Config
 from .loop import EpochLoop, LoopResult, require_finite
-from .precision import LossScale, new_scaler
-from .recipe import OptimizerConfig, Phase2Config
-from .resume import Checkpointer, restore_optimizer
-from .sampling import AUGMENT, WORKER_RNG, derive_seed, digest, shard_loss_weights, worker_order, worker_shard
 from .schedules import make_schedule
-from .snapshots import CycleSamples
 
 
 @dataclass

@@ -15,9 +15,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..data.sources import DataSource
+from ..parallel.distributed import all_reduce_sum
 from .bn import recalibrate_bn_
-from .data import DataSource
-from .distributed import all_reduce_sum
 
 
 @torch.no_grad()

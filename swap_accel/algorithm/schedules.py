@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .recipe import LRConfig
+from ..recipe import LRConfig
 
 
 def lr_at_epoch(epoch: float, *, peak: float, warmup_epochs: float, total_epochs: float, shape: str,

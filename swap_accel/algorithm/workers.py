@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import save_weights
-from .counting import CollectiveCounter
-from .distributed import broadcast_object, data_parallel, flat_state, gather_objects, gather_values
+from ..checkpointing.files import save_weights
+from ..checkpointing.resume import Checkpointer, find_worker_start, load_result
+from ..checkpointing.snapshots import CycleSamples
+from ..data.sampling import digest
+from ..parallel.counting import CollectiveCounter
+from ..parallel.distributed import broadcast_object, data_parallel, flat_state, gather_objects, gather_values
+from ..recipe import Recipe
+from ..topology import WorkerLayout
 from .evaluate import evaluate_local, evaluate_recalibrated
 from .phase2 import Phase2Result, train_phase2
-from .recipe import Recipe
-from .resume import Checkpointer, find_worker_start, load_result
-from .sampling import digest
-from .snapshots import CycleSamples
-from .topology import WorkerLayout
 
 
 @dataclass

@@ -19,11 +19,11 @@ import yaml
 from timm.data import DEFAULT_CROP_PCT
 from timm.models import save_for_hf
 
-from .checkpoints import CheckpointError, load_weights, tensors_sha256
-from .data import DataSource, load_data
-from .models import build_model
-from .recipe import Recipe
-from .report import COLUMNS, table_rows
+from ..checkpointing.files import CheckpointError, load_weights, tensors_sha256
+from ..data.sources import DataSource, load_data
+from ..models import build_model
+from ..monitoring.report import COLUMNS, table_rows
+from ..recipe import Recipe
 
 
 def export(run_dir: Path, out: Path, push: str | None = None) -> Path:

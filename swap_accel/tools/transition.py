@@ -26,11 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .checkpoints import verify_checkpoint, write_json
+from ..checkpointing.files import verify_checkpoint, write_json
+from ..checkpointing.resume import ROOT, check_data, check_model
+from ..checkpointing.rundir import recipe_difference
+from ..recipe import Recipe, RecipeError, load_recipe
 from .preflight import preflight  # the checks `train` makes before any process group, for the phase-1 run
-from .recipe import Recipe, RecipeError, load_recipe
-from .resume import ROOT, check_data, check_model
-from .rundir import recipe_difference
 from .transition_plot import save as save_plot
 
 

@@ -10,8 +10,8 @@ from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .recipe import Recipe
+from .. import __version__
+from ..recipe import Recipe
 
 
 def run_header(recipe: Recipe, accelerator: Accelerator, mode: str) -> dict:

@@ -1,0 +1,1 @@
+"""Processes: groups and collectives, counting them, mixed precision and loss scaling, liveness."""
