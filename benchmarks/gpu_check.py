@@ -227,7 +227,7 @@ def cifar_shape_images_per_s(dry_run: bool) -> dict:
     """Phase 1's step (swap_accel's own loop) at the CIFAR-10 recipe's shape on synthetic 3x32x32 batches."""
     from swap_accel.algorithm.phase1 import train_phase1
     from swap_accel.algorithm.phase2 import make_sgd
-    from swap_accel.checkpointing.resume import Checkpointer
+    from swap_accel.checkpointing.saver import Checkpointer
     from swap_accel.data.sources import InMemorySource
     from swap_accel.models import build_model
     from swap_accel.parallel.distributed import make_accelerator

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from benchmarks.common import alternate, fashion, save
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
-from swap_accel.checkpointing.resume import Checkpointer
+from swap_accel.checkpointing.saver import Checkpointer
 from swap_accel.checkpointing.snapshots import CycleSamples
 from swap_accel.data.augment import augment_batch, cutout_
 from swap_accel.data.sampling import phase1_shard

@@ -24,8 +24,9 @@ from .algorithm.noise_scale import GradientNoise
 from .algorithm.phase1 import warn_ghost_batchnorm
 from .algorithm.phase2 import make_sgd
 from .checkpointing.files import save_weights, weights_identity, write_json, write_text
-from .checkpointing.resume import Checkpointer, Start, find_start
+from .checkpointing.resume import Start, find_start
 from .checkpointing.rundir import discard_outputs
+from .checkpointing.saver import Checkpointer
 from .data.sources import DataSource, load_data
 from .models import build_model
 from .monitoring import figure, tracking
@@ -132,8 +133,9 @@ class RunContext:
             load_data(recipe.data, accelerator.device, split="holdout").eval_loader(recipe.eval.batch_size))
         module = accelerator.unwrap_model(model)
         tracking.start(accelerator, recipe, run_dir)
-        log = Monitor(accelerator, recipe, counter, module, train_data, test_data, test_loader, Progress(accelerator),
-                      layout, group, run_dir)
+        log = Monitor(accelerator=accelerator, recipe=recipe, counter=counter, module=module, train_data=train_data,
+                      test_data=test_data, test_loader=test_loader, progress=Progress(accelerator), layout=layout,
+                      group=group, run_dir=run_dir)
         accelerator.print(
             f"swap_accel {__version__}: {recipe.mode} | {recipe.model.name} on {train_data.num_samples} train / "
             f"{test_data.num_samples} test samples | {world} process(es) on {accelerator.device} "

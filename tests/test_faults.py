@@ -26,7 +26,8 @@ from launching import (
 )
 
 from swap_accel.algorithm.phase2 import _member_seed
-from swap_accel.checkpointing.resume import loop_state, restore_loop
+from swap_accel.checkpointing.resume import restore_loop
+from swap_accel.checkpointing.saver import loop_state
 from swap_accel.data.sampling import WORKER_RNG
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 from launching import ROOT, launch, needs_fashion, tiny_recipe
 from wandb.proto import wandb_internal_pb2
 
-from swap_accel import figure
+from swap_accel.monitoring import figure
 from swap_accel.monitoring.report import table_rows
 from swap_accel.monitoring.tracking import _wandb_mode
 from swap_accel.recipe import RecipeError, TrackingConfig, load_recipe

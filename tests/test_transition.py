@@ -52,7 +52,7 @@ HOOK_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch.distributed as dist
     from swap_accel.parallel.distributed import make_accelerator
-    from swap_accel import noise_scale
+    from swap_accel.algorithm import noise_scale
     from swap_accel.algorithm.noise_scale import GradientNoise
 
     acc = make_accelerator()

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpointing.resume import Checkpointer, restore_loop
+from ..checkpointing.resume import restore_loop
+from ..checkpointing.saver import Checkpointer
 
 
 @dataclass

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from ..checkpointing.resume import Checkpointer, restore_optimizer
+from ..checkpointing.resume import restore_optimizer
+from ..checkpointing.saver import Checkpointer
 from ..data.sampling import AUGMENT, derive_seed, phase1_shard
 from ..data.sources import DataSource
 from ..parallel.distributed import all_reduce_sum, all_true

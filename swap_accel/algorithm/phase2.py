@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from ..checkpointing.resume import Checkpointer, restore_optimizer
+from ..checkpointing.resume import restore_optimizer
+from ..checkpointing.saver import Checkpointer
 from ..checkpointing.snapshots import CycleSamples
 from ..data.sampling import AUGMENT, WORKER_RNG, derive_seed, digest, shard_loss_weights, worker_order, worker_shard
 from ..data.sources import DataSource

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..checkpointing.files import save_weights
-from ..checkpointing.resume import Checkpointer, find_worker_start, load_result
+from ..checkpointing.resume import find_worker_start, load_result
+from ..checkpointing.saver import Checkpointer
 from ..checkpointing.snapshots import CycleSamples
 from ..data.sampling import digest
 from ..parallel.counting import CollectiveCounter
