@@ -394,3 +394,42 @@ def test_imagefolder_in_memory_grey_and_mixed_sizes(tmp_path: Path) -> None:
     _pil_images(1, (12, 10), seed=0)[0].convert("L").save(root / "test" / "a" / "big.png")
     with pytest.raises(DataError, match="images differ in size.*set data.in_memory: false"):
         load_data(cfg, CPU, split="test")
+
+
+def test_hub_imagenet_parquet_layout_streams_jpeg_bytes_without_loose_files(tmp_path: Path) -> None:
+    """`ILSVRC/imagenet-1k`'s layout on the Hub: parquet shards of an `image` column holding the JPEG files' bytes and
+    a `label` ClassLabel, splits train/validation. recipes/imagenet.yaml's data section reads it as it is (decoded
+    per image by the DataLoader workers), with no conversion to loose files."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from swap_accel.recipe import load_recipe
+
+    names = [f"n0{i:07d}" for i in range(4)]
+    root = tmp_path / "imagenet-1k"
+    (root / "data").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, shards, per_shard in (("train", 2, 6), ("validation", 1, 4)):
+        for k in range(shards):
+            jpegs = []
+            for _ in range(per_shard):
+                buffer = io.BytesIO()
+                PIL.Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+                jpegs.append({"bytes": buffer.getvalue(), "path": None})
+            features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+            ds = datasets.Dataset.from_dict({"image": jpegs, "label": [i % 4 for i in range(per_shard)]},
+                                            features=features)
+            ds.to_parquet(str(root / "data" / f"{split}-{k:05d}-of-{shards:05d}.parquet"))
+    stored = pq.read_table(root / "data" / "train-00000-of-00002.parquet").column("image")[0].as_py()
+    assert stored["bytes"][:2] == b"\xff\xd8"  # the files' JPEG bytes, not decoded pixels
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "imagenet.yaml"
+    data = load_recipe(recipe, [f"data.name={root}", f"data.cache_dir={tmp_path / 'c'}", "data.image_size=32",
+                                "data.num_workers=2"]).data
+    train, test = load_data(data, CPU, split="train"), load_data(data, CPU, split="test")
+    assert isinstance(train, StreamingSource) and (train.num_samples, test.num_samples) == (12, 4)
+    assert train.class_names == names and not list(tmp_path.rglob("*.jpg"))
+    out = list(train.batches(torch.arange(12), 5, augment=True, generator=torch.Generator().manual_seed(0)))
+    assert [tuple(x.shape) for x, _ in out] == [(5, 3, 32, 32), (5, 3, 32, 32), (2, 3, 32, 32)]
+    assert torch.cat([y for _, y in out]).tolist() == [i % 4 for i in range(6)] * 2
+    assert torch.cat([y for _, y in test.eval_loader(batch_size=3)]).tolist() == [0, 1, 2, 3]
