@@ -85,7 +85,8 @@ def train_phase1(
         done, totals = loop.done, loop.totals
         order = phase1_shard(source.num_samples, seed=seed, epoch=epoch, global_batch=cfg.global_batch_size,
                              rank=rank, num_processes=p)
-        batches = source.batches(order[done * per_process :], micro, augment=True, generator=augment_gen)
+        batches = source.batches(order[done * per_process :], micro, augment=True, generator=augment_gen,
+                                 epoch=epoch)
         # A checkpoint from before the noise sums resumes its epoch with them from this launch's steps only.
         resumed_old = epoch == loop.first_epoch and (loop.resumed_totals_size or 6) < 6
         noise_steps = steps_per_epoch - done if resumed_old else steps_per_epoch

@@ -109,7 +109,8 @@ def train_phase2(
         done, totals = loop.done, loop.totals
         order = order_of(epoch)
         shard, sizes = worker_shard(order, batch_size=cfg.per_worker_batch_size, member=member, members=members)
-        batches = source.batches(shard[sum(sizes[:done]):], sizes[done:], augment=True, generator=augment_gen)
+        batches = source.batches(shard[sum(sizes[:done]):], sizes[done:], augment=True, generator=augment_gen,
+                                 epoch=epoch)
         for x, y in log.steps(batches, phase=2, epoch=epoch, epochs=cfg.epochs, total=steps_per_epoch):
             lr = lr_at(result.steps)
             for param_group in optimizer.param_groups:

@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from swap_accel.data.augment import augment_batch, cutout_
+from swap_accel.data.sampling import AUGMENT, derive_seed
 from swap_accel.recipe import AugmentConfig, DataConfig
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -66,9 +68,11 @@ class DataSource:
     device: torch.device
 
     def batches(
-        self, order: Tensor, batch_size: int | list[int], *, augment: bool, generator: torch.Generator | None
+        self, order: Tensor, batch_size: int | list[int], *, augment: bool, generator: torch.Generator | None,
+        epoch: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (float32 normalized images [B,C,H,W], int64 labels [B]) on `self.device` following `order`.
+        `epoch` keys a streaming source's per-image augmentation (the in-memory one draws from `generator`).
 
         Every index of `order` (int64, any length, may repeat or be a shard) is yielded exactly once and in
         order, the last partial batch included; a list of sizes gives batches of exactly those sizes.
@@ -143,7 +147,8 @@ class InMemorySource(DataSource):
         self._shift_dev, self._scale_dev = self._shift.to(self.device), self._scale.to(self.device)
 
     def batches(
-        self, order: Tensor, batch_size: int | list[int], *, augment: bool, generator: torch.Generator | None
+        self, order: Tensor, batch_size: int | list[int], *, augment: bool, generator: torch.Generator | None,
+        epoch: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         chunks = _split_order(order, self.num_samples, batch_size)
         if augment and generator is not None and generator.device.type != self.device.type:
@@ -173,17 +178,32 @@ class _TransformedRows(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        """`key`: a row index, or (row index, augmentation seed) for a training image."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         row = self.rows[int(i)]
         # timm's ImageNet pipeline expects 3 channels; grey, palette, CMYK and RGBA files all occur in the wild.
-        return self.transform(row[self.image_column].convert("RGB")), row[self.label_column]
+        image = row[self.image_column].convert("RGB")
+        if seed is None:
+            return self.transform(image), row[self.label_column]
+        # Exact resume: this image's augmentation is a pure function of its seed, whichever DataLoader worker
+        # decodes it and wherever in the epoch a launch starts. timm's transforms draw from Python's `random` and
+        # torch's global RNG; both are seeded here and put back after, so nothing else's stream moves.
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            x = self.transform(image)
+        random.setstate(python_state)
+        return x, row[self.label_column]
 
 
 class StreamingSource(DataSource):
     """Images decoded and transformed by DataLoader workers with timm's train/eval pipelines.
 
-    Randomness of the train transform comes from each worker's seed, which DataLoader derives from a CPU
-    generator seeded from `generator`; with num_workers=0 timm draws from the process's global RNG.
+    The train transform's randomness for image i in epoch e is seeded from (the initial seed of the caller's
+    augmentation generator, e, i): one stream per process or worker member, and one draw per image and epoch,
+    the same in a resumed launch as in the uninterrupted one.
     """
 
     def __init__(
@@ -211,17 +231,16 @@ class StreamingSource(DataSource):
                           persistent_workers=False, **kwargs)
 
     def batches(
-        self, order: Tensor, batch_size: int | list[int], *, augment: bool, generator: torch.Generator | None
+        self, order: Tensor, batch_size: int | list[int], *, augment: bool, generator: torch.Generator | None,
+        epoch: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         index_lists = [chunk.tolist() for chunk in _split_order(order, self.num_samples, batch_size)]
         if not index_lists:
             return
-        loader_generator = None
-        if generator is not None:  # DataLoader needs a CPU generator; the caller's may live on the GPU.
-            seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-            loader_generator = torch.Generator().manual_seed(seed)
-        loader = self._loader(self._train if augment else self._eval, batch_sampler=index_lists,
-                              generator=loader_generator)
+        if augment and generator is not None:
+            base = generator.initial_seed()
+            index_lists = [[(i, derive_seed(base, AUGMENT, epoch, i)) for i in chunk] for chunk in index_lists]
+        loader = self._loader(self._train if augment else self._eval, batch_sampler=index_lists)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
