@@ -1,0 +1,240 @@
+"""As fast as the GPU allows? swap_accel's phase-1 step and phase-2 worker step against a tuned plain PyTorch loop.
+
+On one device, for the CIFAR-shape ResNet-9 (width 64, 3x32x32, 10 classes) and timm's resnet50 (3x224x224, 1000
+classes), on synthetic uint8 images held on the device:
+- the tuned loop: bf16 autocast, channels-last, `torch.compile`, the fused SGD, augmentation on the device (random
+  crop from 4-pixel padding and flips, per sample), nothing else;
+- swap_accel's `train_phase1` (one process, the global batch) and `train_phase2` (one worker, its batch) with the
+  same model settings, through its in-memory source, monitor and checkpointer.
+Blocks alternate (tuned, ours, tuned, ours, ...) for at least 5 rounds, so host noise lands on both sides; the table
+gives median images/s, their spread (min-max), the ratio ours/tuned (target >= 0.97), and the share of the device's
+dense bf16 peak the step reaches (FLOPs of one forward and backward from `torch.utils.flop_counter`).
+
+    .venv/bin/python -m benchmarks.gpu_speed                 # on a GPU: writes benchmarks/results/gpu_speed_<gpu>.json
+    .venv/bin/python -m benchmarks.gpu_speed --dry-run       # CPU, tiny, fp32, uncompiled: the plumbing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import save
+from swap_accel.algorithm.phase1 import train_phase1
+from swap_accel.algorithm.phase2 import make_sgd, train_phase2
+from swap_accel.checkpointing.saver import Checkpointer
+from swap_accel.checkpointing.snapshots import CycleSamples
+from swap_accel.data.sources import InMemorySource
+from swap_accel.models import build_model
+from swap_accel.monitoring.monitor import Monitor
+from swap_accel.monitoring.progress import Progress
+from swap_accel.parallel.counting import CollectiveCounter
+from swap_accel.parallel.distributed import make_accelerator
+from swap_accel.recipe import AugmentConfig, LRConfig, OptimizerConfig, Phase1Config, Phase2Config, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+# Dense bf16 tensor-core peak, FLOP/s, from the vendors' data sheets (SXM parts; sparsity excluded).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+MODELS = {
+    "resnet9": {"name": "resnet9", "kwargs": {"base_width": 64}, "shape": (3, 32, 32), "classes": 10,
+                "phase1_batch": 512, "worker_batch": 512},
+    "resnet50": {"name": "resnet50", "kwargs": {}, "shape": (3, 224, 224), "classes": 1000,
+                 "phase1_batch": 256, "worker_batch": 128},
+}
+DRY = {"resnet9": {"kwargs": {"base_width": 8}, "phase1_batch": 32, "worker_batch": 16},
+       "resnet50": {"shape": (3, 64, 64), "phase1_batch": 8, "worker_batch": 4}}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def flops_per_image(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One forward and backward of the uncompiled model, counted by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def tuned_loop(spec: dict, images: torch.Tensor, labels: torch.Tensor, batch: int, *, bf16: bool, compiled: bool):
+    """The best plain loop for this model and data: returns `run(steps)`."""
+    device = images.device
+    torch.manual_seed(0)
+    model = build_model(spec["name"], in_chans=spec["shape"][0], num_classes=spec["classes"],
+                        kwargs=spec["kwargs"]).to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                fused=device.type == "cuda")
+    forward = torch.compile(model) if compiled else model
+    mean = torch.tensor([125.0, 123.0, 114.0], device=device).view(1, 3, 1, 1)[:, : spec["shape"][0]]
+    h, w = spec["shape"][1:]
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def augment(x_u8: torch.Tensor) -> torch.Tensor:
+        # Per-sample random crop from 4-pixel zero padding, as one gather, and flips as one where().
+        n = x_u8.shape[0]
+        padded = F.pad(x_u8, (4, 4, 4, 4))
+        dy = torch.randint(0, 9, (n, 1, 1), device=device, generator=generator)
+        dx = torch.randint(0, 9, (n, 1, 1), device=device, generator=generator)
+        rows = (torch.arange(h, device=device).view(1, h, 1) + dy).expand(n, h, w)
+        cols = (torch.arange(w, device=device).view(1, 1, w) + dx).expand(n, h, w)
+        flat = padded.flatten(2).gather(2, (rows * (w + 8) + cols).flatten(1).unsqueeze(1).expand(-1, x_u8.shape[1],
+                                                                                                  -1))
+        x = flat.view_as(x_u8)
+        flip = torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5
+        return torch.where(flip, x.flip(3), x)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            idx = torch.randint(0, images.shape[0], (batch,), device=device, generator=generator)
+            x = ((augment(images[idx]).float() - mean) / 64.0).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(forward(x), labels[idx])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return run, model
+
+
+def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phase: int, *, compiled: bool):
+    """swap_accel's own phase-1 loop (one process holds the global batch) or one worker's phase-2 loop:
+    returns `run(steps)`, each call one epoch of `steps` optimizer steps."""
+    torch.manual_seed(0)
+    module = build_model(spec["name"], in_chans=spec["shape"][0], num_classes=spec["classes"],
+                         kwargs=spec["kwargs"]).to(memory_format=torch.channels_last)
+    if compiled:
+        module.compile()
+    recipe = load_recipe(ROOT / "recipes" / "fashion_mnist.yaml",
+                         ["tracking.backend=none", "tracking.eval_every=0", "tracking.averaged_curve=off",
+                          "phase2.workers=1"])
+    ckpt = Checkpointer(Path(tempfile.mkdtemp()), recipe, accelerator)
+    counter = CollectiveCounter()
+    opt_cfg = OptimizerConfig()
+    if phase == 1:
+        model, optimizer = accelerator.prepare(module, make_sgd(module, opt_cfg, 0.01))
+        log = Monitor(accelerator=accelerator, recipe=recipe, counter=counter, module=module, train_data=source,
+                      test_data=source, test_loader=None, progress=Progress(accelerator))
+        cfg = Phase1Config(global_batch_size=batch, max_epochs=1, lr=LRConfig(peak=0.01))
+
+        def run(steps: int) -> None:
+            train_phase1(model, optimizer, source, cfg, opt_cfg, accelerator, seed=0, tau=None, log=log, ckpt=ckpt)
+    else:
+        module = module.to(accelerator.device)
+        # One worker on this one process, as a phase-2 worker's monitor sees it.
+        log = Monitor(accelerator=accelerator, recipe=recipe, counter=counter, module=module, train_data=source,
+                      test_data=source, test_loader=None, progress=Progress(accelerator),
+                      layout=recipe.worker_layout(accelerator.num_processes), run_dir=ckpt.root.parent)
+        cfg = Phase2Config(per_worker_batch_size=batch, epochs=1, lr=LRConfig(peak=0.01))
+
+        def run(steps: int) -> None:
+            train_phase2(module, module, source, cfg, opt_cfg, accelerator, seed=0, worker=0, log=log, ckpt=ckpt,
+                         samples=CycleSamples(cfg.sampling, ckpt.root.parent, 0))
+    return run
+
+
+def interleaved(a, b, steps: int, rounds: int, sync) -> tuple[list[float], list[float]]:
+    """Seconds of `rounds` alternating blocks of a and b (a b a b ...), each block `steps` steps."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, out in ((a, ta), (b, tb)):
+            sync()
+            start = time.perf_counter()
+            fn(steps)
+            sync()
+            out.append(time.perf_counter() - start)
+    return ta, tb
+
+
+def measure(key: str, accelerator, *, dry_run: bool, steps: int, rounds: int) -> dict:
+    spec = {**MODELS[key], **(DRY[key] if dry_run else {})}
+    device = accelerator.device
+    bf16, compiled = device.type == "cuda", device.type == "cuda"
+    rows = {}
+    for phase, batch in ((1, spec["phase1_batch"]), (2, spec["worker_batch"])):
+        n = steps * batch  # one epoch of `steps` steps for swap_accel's loops
+        generator = torch.Generator().manual_seed(1)
+        images = torch.randint(0, 256, (n, *spec["shape"]), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, spec["classes"], (n,), generator=generator)
+        source = InMemorySource(images, labels, mean=[0.5] * spec["shape"][0], std=[0.25] * spec["shape"][0],
+                                class_names=[str(c) for c in range(spec["classes"])],
+                                augment=AugmentConfig(crop_padding=4, flip=True, cutout_size=0), device=device)
+        tuned, plain_model = tuned_loop(spec, source.images, source.labels, batch, bf16=bf16, compiled=compiled)
+        ours = swap_steps(spec, source, accelerator, batch, phase, compiled=compiled)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        tuned(2), ours(steps)  # warm-up: compilation, kernel selection, allocator
+        t_tuned, t_ours = interleaved(tuned, ours, steps, rounds, sync)
+        x = torch.zeros(min(batch, 8), *spec["shape"], device=device).contiguous(memory_format=torch.channels_last)
+        flops = flops_per_image(plain_model, x, torch.zeros(x.shape[0], dtype=torch.int64, device=device))
+        ours_ips = [n / t for t in t_ours]
+        tuned_ips = [steps * batch / t for t in t_tuned]
+        peak = peak_flops(device)
+        rows[f"phase{phase}"] = {
+            "batch": batch, "tuned_images_per_s": statistics.median(tuned_ips),
+            "tuned_spread": [min(tuned_ips), max(tuned_ips)], "swap_accel_images_per_s": statistics.median(ours_ips),
+            "swap_accel_spread": [min(ours_ips), max(ours_ips)],
+            "ratio": statistics.median(ours_ips) / statistics.median(tuned_ips),
+            "flops_per_image": flops,
+            "peak_share_tuned": flops * statistics.median(tuned_ips) / peak if peak else None,
+            "peak_share_swap_accel": flops * statistics.median(ours_ips) / peak if peak else None,
+        }
+    return {"model": key, "image_shape": list(spec["shape"]), "bf16": bf16, "compiled": compiled, **rows}
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| model | loop | batch | tuned (img/s, min-max) | swap_accel (img/s, min-max) | ratio "
+             "| share of bf16 peak (tuned / swap_accel) |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        for phase, label in (("phase1", "phase 1"), ("phase2", "phase-2 worker")):
+            p = r[phase]
+            share = (f"{100 * p['peak_share_tuned']:.1f} % / {100 * p['peak_share_swap_accel']:.1f} %"
+                     if p["peak_share_tuned"] is not None else "n/a")
+            lines.append(f"| {r['model']} | {label} | {p['batch']} | {p['tuned_images_per_s']:.0f} "
+                         f"({p['tuned_spread'][0]:.0f}-{p['tuned_spread'][1]:.0f}) | "
+                         f"{p['swap_accel_images_per_s']:.0f} ({p['swap_accel_spread'][0]:.0f}-"
+                         f"{p['swap_accel_spread'][1]:.0f}) | {p['ratio']:.3f} | {share} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="Optimizer steps per block (default 30).")
+    parser.add_argument("--rounds", type=int, default=5, help="Alternating blocks per side (default 5, at least 5).")
+    parser.add_argument("--models", default="resnet9,resnet50")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, fp32: the plumbing only.")
+    parser.add_argument("--out", type=Path, help="Write the JSON here instead of benchmarks/results/.")
+    args = parser.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("gpu_speed needs a CUDA device; on a CPU run `python -m benchmarks.gpu_speed --dry-run`")
+    if not args.dry_run and args.rounds < 5:
+        raise SystemExit("--rounds: at least 5 alternating rounds, so that one noisy block cannot decide a ratio")
+    steps, rounds = (2, 2) if args.dry_run else (args.steps, args.rounds)
+    accelerator = make_accelerator("no" if args.dry_run else "bf16")
+    records = [measure(key, accelerator, dry_run=args.dry_run, steps=steps, rounds=rounds)
+               for key in args.models.split(",")]
+    rendered = table(records)
+    print(rendered)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu (dry run)"
+    payload = {"device": device, "steps": steps, "rounds": rounds, "records": records, "table": rendered,
+               "date": time.strftime("%Y-%m-%d")}
+    if args.out:
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    elif not args.dry_run:
+        print(f"wrote {save('gpu_speed_' + device.split()[-1].lower(), payload)}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
