@@ -39,15 +39,40 @@ def median_time(fn, rounds: int) -> float:
     return statistics.median(samples)
 
 
-def alternate(a, b, rounds: int) -> tuple[float, float]:
-    """Median seconds of `a` and of `b`, run alternately (ABAB...) so drift hits both alike."""
+def alternate_samples(a, b, rounds: int, sync=None) -> tuple[list[float], list[float]]:
+    """Seconds of every call of `a` and of `b`, run alternately (ABAB...) so drift hits both alike; `sync()` (a
+    device's) runs before each clock read, so queued device work is counted where it was launched."""
     ta, tb = [], []
     for _ in range(rounds):
         for fn, out in ((a, ta), (b, tb)):
+            if sync:
+                sync()
             start = time.perf_counter()
             fn()
+            if sync:
+                sync()
             out.append(time.perf_counter() - start)
+    return ta, tb
+
+
+def alternate(a, b, rounds: int) -> tuple[float, float]:
+    """Median seconds of `a` and of `b`, run alternately (ABAB...) so drift hits both alike."""
+    ta, tb = alternate_samples(a, b, rounds)
     return statistics.median(ta), statistics.median(tb)
+
+
+def loop_harness(accelerator, *sets: str):
+    """What swap_accel's phase loops need around them when a benchmark times them: the quickstart recipe (tracking,
+    evaluation and the averaged curve off, plus `sets`) and a Checkpointer in a scratch directory, with the
+    recipe's checkpoint policy, so its per-step cost is timed too."""
+    import tempfile
+
+    from swap_accel.checkpointing.saver import Checkpointer
+    from swap_accel.recipe import load_recipe
+
+    recipe = load_recipe(RESULTS.parents[1] / "recipes" / "fashion_mnist.yaml",
+                         ["tracking.backend=none", "tracking.eval_every=0", "tracking.averaged_curve=off", *sets])
+    return recipe, Checkpointer(Path(tempfile.mkdtemp()), recipe, accelerator)
 
 
 def save(name: str, payload: dict) -> Path:

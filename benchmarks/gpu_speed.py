@@ -19,17 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import save
+from benchmarks.common import alternate_samples, loop_harness, save
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
-from swap_accel.checkpointing.saver import Checkpointer
 from swap_accel.checkpointing.snapshots import CycleSamples
 from swap_accel.data.sources import InMemorySource
 from swap_accel.models import build_model
@@ -37,9 +36,8 @@ from swap_accel.monitoring.monitor import Monitor
 from swap_accel.monitoring.progress import Progress
 from swap_accel.parallel.counting import CollectiveCounter
 from swap_accel.parallel.distributed import make_accelerator
-from swap_accel.recipe import AugmentConfig, LRConfig, OptimizerConfig, Phase1Config, Phase2Config, load_recipe
+from swap_accel.recipe import AugmentConfig, LRConfig, OptimizerConfig, Phase1Config, Phase2Config
 
-ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peak, FLOP/s, from the vendors' data sheets (SXM parts; sparsity excluded).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 MODELS = {
@@ -117,10 +115,7 @@ def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phas
                          kwargs=spec["kwargs"]).to(memory_format=torch.channels_last)
     if compiled:
         module.compile()
-    recipe = load_recipe(ROOT / "recipes" / "fashion_mnist.yaml",
-                         ["tracking.backend=none", "tracking.eval_every=0", "tracking.averaged_curve=off",
-                          "phase2.workers=1"])
-    ckpt = Checkpointer(Path(tempfile.mkdtemp()), recipe, accelerator)
+    recipe, ckpt = loop_harness(accelerator, "phase2.workers=1")
     counter = CollectiveCounter()
     opt_cfg = OptimizerConfig()
     if phase == 1:
@@ -145,19 +140,6 @@ def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phas
     return run
 
 
-def interleaved(a, b, steps: int, rounds: int, sync) -> tuple[list[float], list[float]]:
-    """Seconds of `rounds` alternating blocks of a and b (a b a b ...), each block `steps` steps."""
-    ta, tb = [], []
-    for _ in range(rounds):
-        for fn, out in ((a, ta), (b, tb)):
-            sync()
-            start = time.perf_counter()
-            fn(steps)
-            sync()
-            out.append(time.perf_counter() - start)
-    return ta, tb
-
-
 def measure(key: str, accelerator, *, dry_run: bool, steps: int, rounds: int) -> dict:
     spec = {**MODELS[key], **(DRY[key] if dry_run else {})}
     device = accelerator.device
@@ -173,9 +155,9 @@ def measure(key: str, accelerator, *, dry_run: bool, steps: int, rounds: int) ->
                                 augment=AugmentConfig(crop_padding=4, flip=True, cutout_size=0), device=device)
         tuned, plain_model = tuned_loop(spec, source.images, source.labels, batch, bf16=bf16, compiled=compiled)
         ours = swap_steps(spec, source, accelerator, batch, phase, compiled=compiled)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
         tuned(2), ours(steps)  # warm-up: compilation, kernel selection, allocator
-        t_tuned, t_ours = interleaved(tuned, ours, steps, rounds, sync)
+        t_tuned, t_ours = alternate_samples(partial(tuned, steps), partial(ours, steps), rounds, sync)
         x = torch.zeros(min(batch, 8), *spec["shape"], device=device).contiguous(memory_format=torch.channels_last)
         flops = flops_per_image(plain_model, x, torch.zeros(x.shape[0], dtype=torch.int64, device=device))
         ours_ips = [n / t for t in t_ours]

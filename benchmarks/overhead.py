@@ -5,22 +5,19 @@ comm hook, epoch-end all-reduce) against a bare Accelerate DDP loop doing the sa
 the same in-memory batches. Phase 2: `train_phase2` against a plain single-process PyTorch loop.
 Both sides use the same model, batch, data, processes and threads; rounds alternate.
 
-    accelerate launch --config_file accelerate_config.yaml benchmarks/overhead.py [--steps 40 --rounds 5]
+    .venv/bin/accelerate launch --config_file accelerate_config.yaml -m benchmarks.overhead [--steps 40 --rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import alternate, fashion, save
+from benchmarks.common import alternate, fashion, loop_harness, save
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
-from swap_accel.checkpointing.saver import Checkpointer
 from swap_accel.checkpointing.snapshots import CycleSamples
 from swap_accel.data.augment import augment_batch, cutout_
 from swap_accel.data.sampling import phase1_shard
@@ -29,7 +26,7 @@ from swap_accel.monitoring.monitor import Monitor
 from swap_accel.monitoring.progress import Progress
 from swap_accel.parallel.counting import CollectiveCounter
 from swap_accel.parallel.distributed import make_accelerator
-from swap_accel.recipe import LRConfig, OptimizerConfig, Phase1Config, Phase2Config, load_recipe
+from swap_accel.recipe import LRConfig, OptimizerConfig, Phase1Config, Phase2Config
 
 
 def main() -> None:
@@ -46,9 +43,7 @@ def main() -> None:
     p, rank = accelerator.num_processes, accelerator.process_index
     opt_cfg = OptimizerConfig()
     # A real checkpointer with the shipped recipe's policy (every 15 minutes): its per-step cost is measured too.
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes/fashion_mnist.yaml",
-                         ["tracking.backend=none", "tracking.eval_every=0", "tracking.averaged_curve=off"])
-    ckpt = Checkpointer(Path(tempfile.mkdtemp()), recipe, accelerator)
+    recipe, ckpt = loop_harness(accelerator)
     n1 = args.steps * args.global_batch
 
     def model():
@@ -68,8 +63,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(rank)
 
     # The loops' real logger (progress + logging points), minus evaluation and trackers.
-    log1 = Monitor(accelerator, recipe, counter, accelerator.unwrap_model(ours), sub1, sub1, None,
-                   Progress(accelerator))
+    log1 = Monitor(accelerator=accelerator, recipe=recipe, counter=counter, module=accelerator.unwrap_model(ours),
+                   train_data=sub1, test_data=sub1, test_loader=None, progress=Progress(accelerator))
 
     def swap_phase1():
         train_phase1(ours, ours_opt, sub1, cfg1, opt_cfg, accelerator, seed=0, tau=None, log=log1,
@@ -94,7 +89,10 @@ def main() -> None:
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     cfg2 = Phase2Config(per_worker_batch_size=args.worker_batch, epochs=1, lr=LRConfig(peak=0.05))
 
-    log2 = Monitor(accelerator, recipe, counter, worker_model, sub2, sub2, None, Progress(accelerator))
+    # One worker per process, as the quickstart runs them: each rank's monitor knows its worker.
+    log2 = Monitor(accelerator=accelerator, recipe=recipe, counter=counter, module=worker_model, train_data=sub2,
+                   test_data=sub2, test_loader=None, progress=Progress(accelerator),
+                   layout=recipe.worker_layout(p), run_dir=ckpt.root.parent)
 
     def swap_phase2():
         # A one-process worker trains its module itself (model is module); one sample, its end.

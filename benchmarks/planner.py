@@ -61,12 +61,14 @@ class Store:
     def path(self, tag: str, seed: int) -> Path:
         return self.dir / f"{tag}-s{seed}.json"
 
-    def save(self, tag: str, seed: int, results: dict, phase1_params: str | None) -> None:
+    def save(self, tag: str, seed: int, results: dict, phase1_params: str | None) -> dict:
+        """Commit a finished run (atomically: a benchmark killed mid-write leaves the older record); returns it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         record = {**results, "device_name": self.device, "phase1_params": phase1_params}
         tmp = self.path(tag, seed).with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(self.path(tag, seed))
+        return record
 
     def load(self, rows: tuple[Row, ...], seeds: int, wanted) -> dict[tuple[str, int], dict]:
         """The committed runs still valid: run under the recipe the row would run now (`wanted(row, seed)`, compared

@@ -108,7 +108,8 @@ def premise_and_accuracy(rows: dict, speed: dict[str, bool]) -> dict[str, bool]:
 
 
 def paper_targets(rows: dict) -> dict[str, bool]:
-    """The issue's targets, as it states them, and the facts that make the regime the paper's."""
+    """The shared premise and accuracy checks, and on a CPU the step target: SWAP's critical path <= 40 % of
+    small batch's optimizer steps."""
     sb, swap = rows["sgd-sb"], rows["swap-w8"]
     return premise_and_accuracy(rows, {
         "CPU: SWAP critical-path steps <= 40 % of SB's": swap["critical_path_steps"]["mean"]

@@ -278,8 +278,8 @@ def run_planned(regime: Regime, table_rows: tuple[Row, ...], seeds: int, extra: 
                   "(or its source did not run)", flush=True)
             continue
         r = launch(regime, unit.row, unit.seed, extra, runs_dir, prefix, args.fresh, processes)
-        store.save(unit.row.tag, unit.seed, r, phase1_digest(runs_dir / f"{prefix}{unit.row.tag}-s{unit.seed}"))
-        committed[unit.row.tag, unit.seed] = json.loads(store.path(unit.row.tag, unit.seed).read_text())
+        committed[unit.row.tag, unit.seed] = store.save(
+            unit.row.tag, unit.seed, r, phase1_digest(runs_dir / f"{prefix}{unit.row.tag}-s{unit.seed}"))
     return {row.tag: {s: committed[row.tag, s] for s in range(seeds) if (row.tag, s) in committed}
             for row in table_rows}
 

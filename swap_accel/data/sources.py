@@ -179,13 +179,15 @@ class _TransformedRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
-        """`key`: a row index, or (row index, augmentation seed) for a training image."""
-        i, seed = key if isinstance(key, tuple) else (key, None)
+        """`key`: a row index, or (row index, the epoch's augmentation key) for a training image."""
+        i, epoch_key = key if isinstance(key, tuple) else (key, None)
         row = self.rows[int(i)]
         # timm's ImageNet pipeline expects 3 channels; grey, palette, CMYK and RGBA files all occur in the wild.
         image = row[self.image_column].convert("RGB")
-        if seed is None:
+        if epoch_key is None:
             return self.transform(image), row[self.label_column]
+        # Derived here, in the DataLoader worker, not for the whole epoch in the training process.
+        seed = derive_seed(epoch_key, i)
         # Exact resume: this image's augmentation is a pure function of its seed, whichever DataLoader worker
         # decodes it and wherever in the epoch a launch starts. timm's transforms draw from Python's `random` and
         # torch's global RNG; both are seeded here and put back after, so nothing else's stream moves.
@@ -238,8 +240,8 @@ class StreamingSource(DataSource):
         if not index_lists:
             return
         if augment and generator is not None:
-            base = generator.initial_seed()
-            index_lists = [[(i, derive_seed(base, AUGMENT, epoch, i)) for i in chunk] for chunk in index_lists]
+            epoch_key = derive_seed(generator.initial_seed(), AUGMENT, epoch)
+            index_lists = [[(i, epoch_key) for i in chunk] for chunk in index_lists]
         loader = self._loader(self._train if augment else self._eval, batch_sampler=index_lists)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
