@@ -92,9 +92,9 @@ def _clean(text: str) -> str:
 
 
 def _section_model(annotation) -> type[BaseModel] | None:
-    """The section model of a field typed `Model` or `Model | None`."""
+    """The section model of a field typed `Model`, `Model | None` or `list[Model]`."""
     candidates = [annotation]
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) in (typing.Union, list):
         candidates = list(typing.get_args(annotation))
     for candidate in candidates:
         if inspect.isclass(candidate) and issubclass(candidate, BaseModel):
@@ -107,7 +107,7 @@ def _sections(model: type[BaseModel], path: str, found: dict[type, list[str]]) -
     for name, info in model.model_fields.items():
         sub = _section_model(info.annotation)
         if sub is not None:
-            here = f"{path}.{name}" if path else name
+            here = (f"{path}.{name}" if path else name) + ("[]" if typing.get_origin(info.annotation) is list else "")
             first = sub not in found
             found.setdefault(sub, []).append(here)
             if first:
@@ -163,17 +163,17 @@ def render() -> str:
             out.append(_clean(inspect.cleandoc(doc)).replace("\\|", "|") + "\n")
         out.append("| key | type | default | constraint | description |")
         out.append("|---|---|---|---|---|")
-        own = notes.get(model.__name__, {})
+        own = {k: v for base in reversed(model.__mro__) for k, v in notes.get(base.__name__, {}).items()}
         for name, info in model.model_fields.items():
             key = f"`{name}`"
             sub = _section_model(info.annotation)
             description = info.description or own.get(name, "")
             if info.is_required() or info.default is PydanticUndefined and info.default_factory is None:
                 default = "*required*"
+            elif info.default_factory is not None or isinstance(info.default, list):
+                default = f"`{_yaml(info.default_factory() if info.default_factory else info.default)}`"
             elif sub is not None:
                 default = "`null`" if info.default is None else "its keys' defaults"
-            elif info.default_factory is not None:
-                default = f"`{_yaml(info.default_factory())}`"
             else:
                 default = f"`{_yaml(info.default)}`"
             if sub is not None:

@@ -89,8 +89,8 @@ class OptimizerConfig(Strict):
 class LRConfig(Strict):
     """Linear warm-up to `peak`, then decay to zero at `schedule_epochs` (paper Fig. 1, Tables 5-6).
 
-    `start_epoch` enters the schedule part-way: the ImageNet recipe's phase 2 resumes the original
-    schedule at epoch 22 (paper section 5.2).
+    `start_epoch` enters the schedule part-way: a phase 2 that continues a longer schedule where phase 1 left it
+    (paper section 5.2; a schedule that also changes batch or image size is written as `stages`).
     """
 
     peak: float = Field(gt=0)
@@ -111,7 +111,82 @@ class LRConfig(Strict):
     swa_lr: float | None = Field(None, gt=0)
 
 
-class Phase1Config(Strict):
+class StageConfig(Strict):
+    """One piece of a phase's schedule over epochs (paper section 5.2, Figure 5: the published ImageNet schedule
+    changes image size, batch size and learning rate during training).
+
+    A stage runs from the previous stage's `until_epoch` (epoch 0 of the phase for the first) to its own, its
+    learning rate going linearly from lr[0] to lr[1] (one number: constant). A key left unset keeps the previous
+    stage's value; the first stage's batch is the phase's own and its image size data.image_size.
+    """
+
+    # The phase's epoch this stage ends at (exclusive); the last stage's is the phase's epoch count.
+    until_epoch: PositiveInt
+    # [start, end]: linear over the stage's epochs, each step at the middle of its slice; one number: constant.
+    lr: tuple[float, float] | float
+    global_batch_size: PositiveInt | None = None      # phase 1's stages (and the baselines')
+    per_worker_batch_size: PositiveInt | None = None  # phase 2's stages
+    # Streaming data only (in-memory data trains at its native size): the train transform's output size.
+    image_size: PositiveInt | None = None
+    # Streaming data only: RandomResizedCrop's smallest area fraction (unset: timm's 0.08).
+    min_scale: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("lr")
+    @classmethod
+    def _rates(cls, value):
+        rates = value if isinstance(value, tuple) else (value,)
+        if any(r < 0 for r in rates) or not any(r > 0 for r in rates):
+            raise ValueError(f"lr={value}: learning rates are >= 0 and not all 0, e.g. [0.4, 0.04]")
+        return value
+
+
+class _StagedPhase(Strict):
+    """A phase whose learning rate is `lr` (warm-up and decay) or, with `stages`, piecewise over its epochs."""
+
+    # Warm-up and decay over the phase (paper Tables 5-6); or leave it out and give `stages`.
+    lr: LRConfig | None = None
+    # A piecewise schedule over the phase's epochs, each stage with its own rate, batch and image size (paper
+    # Figure 5, recipes/imagenet.yaml); in place of `lr`.
+    stages: list[StageConfig] = []
+
+    def check_stages(self, section: str, epochs: int, batch_key: str) -> None:
+        """Recipe-level, so that a problem reads as one line naming the key (not the whole section)."""
+        if (self.lr is None) == (not self.stages):
+            raise ValueError(f"{section}: give the learning rate as {section}.lr (peak, warm-up, decay) or as "
+                             f"{section}.stages (piecewise), " + ("not both; remove one" if self.lr else "one of them"))
+        other = "per_worker_batch_size" if batch_key == "global_batch_size" else "global_batch_size"
+        previous = 0
+        for i, stage in enumerate(self.stages):
+            if getattr(stage, other) is not None:
+                raise ValueError(f"{section}.stages[{i}].{other} belongs to the other phase; use {batch_key}")
+            if stage.until_epoch <= previous:
+                raise ValueError(f"{section}.stages[{i}].until_epoch={stage.until_epoch} does not come after "
+                                 f"{previous}; list the stages in epoch order")
+            previous = stage.until_epoch
+        if self.stages and previous != epochs:
+            raise ValueError(f"{section}.stages end at epoch {previous} but the phase trains {epochs} epochs; make "
+                             f"the last stage's until_epoch {epochs}")
+
+    def batch_sizes(self, section: str, key: str) -> list[tuple[str, int]]:
+        """Every batch size the phase trains with, by recipe key: its own `key`, then each stage's that sets one."""
+        own = [(f"{section}.{key}", getattr(self, key))]
+        return own + [(f"{section}.stages[{i}].{key}", getattr(s, key)) for i, s in enumerate(self.stages)
+                      if getattr(s, key) is not None]
+
+    @property
+    def first_lr(self) -> float:
+        """The optimizer's initial rate; every step sets its own before it runs."""
+        if self.lr is not None:
+            return self.lr.peak
+        lr = self.stages[0].lr
+        return lr[0] if isinstance(lr, tuple) else lr
+
+    def lr_key(self, section: str) -> str:
+        """The recipe key a diverged run should lower."""
+        return f"{section}.lr.peak" if self.lr is not None else f"{section}.stages[].lr"
+
+
+class Phase1Config(_StagedPhase):
     """Synchronized large-batch phase (or the whole run in `mode: sgd`)."""
 
     global_batch_size: int = Field(gt=0)
@@ -123,7 +198,6 @@ class Phase1Config(Strict):
     # Also keep phase 1's state at the end of the epoch whose training accuracy first reaches each of
     # these (checkpoints/p1-tau<τ>), to start phase 2 from several transition points of one phase-1 run.
     save_at_train_accuracy: list[float] = []
-    lr: LRConfig
 
     @field_validator("save_at_train_accuracy")
     @classmethod
@@ -134,7 +208,7 @@ class Phase1Config(Strict):
         return sorted(set(values))
 
 
-class Phase2Config(Strict):
+class Phase2Config(_StagedPhase):
     """Independent small-batch refinement of W workers, no communication between workers."""
 
     # W; None: one worker per process. A divisor of P makes groups of P/W processes per worker (the
@@ -143,7 +217,6 @@ class Phase2Config(Strict):
     # One worker's batch per step: split over its processes when a worker is a group.
     per_worker_batch_size: int = Field(gt=0)
     epochs: int = Field(gt=0)
-    lr: LRConfig
     # Paper section 5.3 (Table 4, "SWAP 40 small-batch epochs"): each worker contributes the models at the ends of
     # its last S learning-rate cycles (phase2.lr.cycles), and phase 3 averages all W x S with equal weight.
     samples_per_worker: PositiveInt = 1
@@ -152,7 +225,11 @@ class Phase2Config(Strict):
     def sampling(self) -> dict[str, int]:
         """What decides which epochs end a sample (snapshots.CycleSamples), as every phase-2 checkpoint records it:
         `average` finds a dead worker's samples from its own record, whatever recipe it is given."""
-        return {"epochs": self.epochs, "cycles": self.lr.cycles, "samples_per_worker": self.samples_per_worker}
+        return {"epochs": self.epochs, "cycles": self.cycles, "samples_per_worker": self.samples_per_worker}
+
+    @property
+    def cycles(self) -> int:
+        return self.lr.cycles if self.lr is not None else 1
 
 
 class EvalConfig(Strict):
@@ -267,17 +344,24 @@ class Recipe(Strict):
         if self.phase2 is not None and self.phase2.workers is not None and self.phase2.workers < 1:
             raise ValueError(f"phase2.workers={self.phase2.workers} trains no worker; leave it unset for one worker "
                              "per process, or set 1 or more")
-        if self.phase1.lr.cycles > 1:
+        self.phase1.check_stages("phase1", self.phase1.max_epochs, "global_batch_size")
+        if self.phase2 is not None:
+            self.phase2.check_stages("phase2", self.phase2.epochs, "per_worker_batch_size")
+        p1_lr = self.phase1.lr
+        if p1_lr is not None and p1_lr.cycles > 1:
             raise ValueError("phase1.lr.cycles: cyclic learning rates are phase 2's (its samples); phase 1 "
                              "stops at τ; remove it, or use mode: swa for cyclic samples of one model")
         for key in ("cycle_shape", "swa_lr"):
-            if getattr(self.phase1.lr, key) is not None:
+            if p1_lr is not None and getattr(p1_lr, key) is not None:
                 raise ValueError(f"phase1.lr.{key} shapes phase 2's learning-rate cycles; remove it from phase1, or "
                                  f"set phase2.lr.{key}")
-        if self.phase2 is not None:
+        if self.phase2 is not None and self.phase2.lr is not None:
             self._resolve_cycle_shape(self.phase2.lr)
-        if self.phase2_runs and self.phase2.samples_per_worker > self.phase2.lr.cycles:
-            samples, cycles = self.phase2.samples_per_worker, self.phase2.lr.cycles
+        if self.mode == "swa" and self.phase2.stages:
+            raise ValueError("mode 'swa' samples a cyclic learning rate (phase2.lr with cycles), which phase2.stages "
+                             "cannot give; use phase2.lr")
+        if self.phase2_runs and self.phase2.samples_per_worker > self.phase2.cycles:
+            samples, cycles = self.phase2.samples_per_worker, self.phase2.cycles
             raise ValueError(f"phase2.samples_per_worker={samples} takes one model at the end of each of the last "
                              f"cycles, but phase2.lr.cycles={cycles}; set phase2.lr.cycles={samples} (or more)")
         if self.phase3.selection == "greedy" and not self.data.holdout_samples:
@@ -286,26 +370,34 @@ class Recipe(Strict):
         # The SGD baselines read no phase-2 setting (benchmarks reuse them while phase 2 is tuned).
         phase2_epochs = self.phase2 and self.phase2_runs and self.phase2.epochs
         for section, epochs in (("phase1", self.phase1.max_epochs), ("phase2", phase2_epochs)):
-            if not epochs:
-                continue
-            lr = getattr(self, section).lr
-            if lr.cycles > 1 and (epochs % lr.cycles or lr.schedule_epochs or lr.start_epoch):
-                raise ValueError(f"{section}.lr.cycles={lr.cycles} cuts the {epochs} epochs into equal whole-epoch "
-                                 f"cycles: make {section} epochs a multiple of it, and leave schedule_epochs and "
-                                 "start_epoch unset")
-            length = lr.schedule_epochs or epochs
-            cycle_length = length / lr.cycles  # each cycle warms up again
-            if lr.warmup_epochs > cycle_length:
-                what = f"one of the {lr.cycles} cycles" if lr.cycles > 1 else "the schedule"
-                raise ValueError(
-                    f"{section}.lr.warmup_epochs ({lr.warmup_epochs}) exceeds the length of {what} ({cycle_length:g} "
-                    "epochs); shorten the warm-up")
-            if lr.start_epoch + epochs > length + 1e-9:
-                raise ValueError(
-                    f"{section}: start_epoch + epochs ({lr.start_epoch + epochs}) runs past "
-                    f"lr.schedule_epochs ({length}); lengthen the schedule or train fewer epochs"
-                )
+            if epochs:
+                self._check_lr(section, getattr(self, section), epochs)
         return self
+
+    def _check_lr(self, section: str, phase: _StagedPhase, epochs: int) -> None:
+        if phase.stages:
+            sized = [i for i, s in enumerate(phase.stages) if s.image_size or s.min_scale]
+            if sized and self.data.in_memory:
+                raise ValueError(f"{section}.stages[{sized[0]}] sets image_size/min_scale, but in-memory data trains "
+                                 "at its native size; set data.in_memory: false, or remove them")
+            return
+        lr = phase.lr
+        if lr.cycles > 1 and (epochs % lr.cycles or lr.schedule_epochs or lr.start_epoch):
+            raise ValueError(f"{section}.lr.cycles={lr.cycles} cuts the {epochs} epochs into equal whole-epoch "
+                             f"cycles: make {section} epochs a multiple of it, and leave schedule_epochs and "
+                             "start_epoch unset")
+        length = lr.schedule_epochs or epochs
+        cycle_length = length / lr.cycles  # each cycle warms up again
+        if lr.warmup_epochs > cycle_length:
+            what = f"one of the {lr.cycles} cycles" if lr.cycles > 1 else "the schedule"
+            raise ValueError(
+                f"{section}.lr.warmup_epochs ({lr.warmup_epochs}) exceeds the length of {what} ({cycle_length:g} "
+                "epochs); shorten the warm-up")
+        if lr.start_epoch + epochs > length + 1e-9:
+            raise ValueError(
+                f"{section}: start_epoch + epochs ({lr.start_epoch + epochs}) runs past "
+                f"lr.schedule_epochs ({length}); lengthen the schedule or train fewer epochs"
+            )
 
     def _resolve_cycle_shape(self, lr: LRConfig) -> None:
         """Fill phase 2's cycle shape and α2 into the resolved recipe (recipe.yaml and results.json then say which
@@ -331,28 +423,29 @@ class Recipe(Strict):
 
     def check_data(self, train_samples: int) -> None:
         """Checks that need the training-set size; run before any process group forms."""
-        for key, value in (("phase1.global_batch_size", self.phase1.global_batch_size),
-                           ("phase2.per_worker_batch_size", self.phase2 and self.phase2.per_worker_batch_size),
-                           ("eval.bn_samples", self.eval.bn_samples)):
+        sizes = self.phase1.batch_sizes("phase1", "global_batch_size")
+        if self.phase2 is not None:
+            sizes += self.phase2.batch_sizes("phase2", "per_worker_batch_size")
+        for key, value in [*sizes, ("eval.bn_samples", self.eval.bn_samples)]:
             if value and value > train_samples:
                 raise RecipeError(f"{key}={value} exceeds the {train_samples} training samples; lower it "
                                   "or use more data (data.train_subset)")
 
     def check_processes(self, num_processes: int) -> None:
         """Checks that need the process count; run before any process group forms."""
-        b1 = self.phase1.global_batch_size
-        if b1 % num_processes:
-            raise RecipeError(
-                f"phase1.global_batch_size={b1} is not divisible by {num_processes} processes; "
-                f"use a multiple of {num_processes} (e.g. {max(num_processes, b1 // num_processes * num_processes)})"
-            )
-        per_process = b1 // num_processes
-        micro = self.phase1.micro_batch_size
-        if micro is not None and per_process % micro:
-            raise RecipeError(
-                f"phase1.micro_batch_size={micro} does not divide the per-process batch {per_process} "
-                f"(global {b1} / {num_processes} processes); pick a divisor of {per_process}"
-            )
+        for key, b1 in self.phase1.batch_sizes("phase1", "global_batch_size"):
+            if b1 % num_processes:
+                raise RecipeError(
+                    f"{key}={b1} is not divisible by {num_processes} processes; use a multiple of {num_processes} "
+                    f"(e.g. {max(num_processes, b1 // num_processes * num_processes)})"
+                )
+            per_process = b1 // num_processes
+            micro = self.phase1.micro_batch_size
+            if micro is not None and per_process % micro:
+                raise RecipeError(
+                    f"phase1.micro_batch_size={micro} does not divide the per-process batch {per_process} "
+                    f"({key} {b1} / {num_processes} processes); pick a divisor of {per_process}"
+                )
         if self.phase2_runs:
             self.worker_layout(num_processes)
 
@@ -363,10 +456,11 @@ class Recipe(Strict):
         if problem:
             raise RecipeError(problem)
         layout = WorkerLayout(workers, num_processes)
-        g, b2 = layout.processes_per_worker, self.phase2.per_worker_batch_size
-        if b2 % g:
-            raise RecipeError(f"phase2.per_worker_batch_size={b2} is not divisible by the {g} processes of a worker "
-                              f"({num_processes} processes / {workers} workers); use a multiple of {g}")
+        g = layout.processes_per_worker
+        for key, b2 in self.phase2.batch_sizes("phase2", "per_worker_batch_size"):
+            if b2 % g:
+                raise RecipeError(f"{key}={b2} is not divisible by the {g} processes of a worker ({num_processes} "
+                                  f"processes / {workers} workers); use a multiple of {g}")
         if isinstance(self.tracking.averaged_curve, int) and layout.workers_per_process > 1:
             raise RecipeError(f"tracking.averaged_curve={self.tracking.averaged_curve} needs every worker at once, but "
                               f"{workers} workers on {num_processes} processes train in turn; use averaged_curve: end")

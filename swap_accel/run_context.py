@@ -120,7 +120,7 @@ class RunContext:
             module = module.to(memory_format=torch.channels_last)
         if recipe.model.compile:
             module.compile()  # nn.Module.compile: DDP, phase 2, BN recalibration and evaluation all use it
-        model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, recipe.phase1.lr.peak,
+        model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, recipe.phase1.first_lr,
                                                                 fp16=recipe.mixed_precision == "fp16"))
         # Phase 1's comm hook also measures the gradient noise scale. Not with fp16: its gradients carry
         # the loss scale, which changes at skips and growths, and overflow to inf.

@@ -26,6 +26,20 @@ def layout_error(workers: int, processes: int) -> str | None:
 
 
 @dataclass(frozen=True)
+class Seat:
+    """Where one process sits in the worker it trains: the worker's process group (None: a one-process worker),
+    its position in the group (`member` 0 is the leader, which writes the worker's files) and the group's size."""
+
+    group: object = None
+    member: int = 0
+    members: int = 1
+
+    @property
+    def leads(self) -> bool:
+        return self.member == 0
+
+
+@dataclass(frozen=True)
 class WorkerLayout:
     workers: int
     processes: int
@@ -61,6 +75,10 @@ class WorkerLayout:
 
     def leads(self, rank: int) -> bool:
         return self.member_of(rank) == 0
+
+    def seat(self, rank: int, group) -> Seat:
+        """`rank`'s seat in its worker, whose process group is `group` (None when a worker is one process)."""
+        return Seat(group, self.member_of(rank), self.processes_per_worker)
 
     def describe(self) -> str:
         if self.workers == self.processes:

@@ -91,10 +91,8 @@ def evaluate_phase1(run: RunContext, p1: Phase1Result) -> tuple[float, float | N
 def phase2(run: RunContext, phase1_summary: dict) -> Phase2Outcome:
     """Every worker of this process refines its own copy of phase 1's model (workers.py)."""
     with run.counter.phase("phase2"):
-        p2 = run_workers(run.module, run.recipe, run.layout, run.group, accelerator=run.accelerator,
-                         train_data=run.train_data, test_data=run.test_data, log=run.log, ckpt=run.ckpt,
-                         counter=run.counter, run_dir=run.run_dir, phase1=phase1_summary,
-                         phase1_params=run.rank_record["phase1"]["params"], started=run.start.workers)
+        p2 = run_workers(run, run.start.workers, phase1=phase1_summary,
+                         phase1_params=run.rank_record["phase1"]["params"])
     run.rank_record["phase2"] = [{"worker": r.worker, "member": r.member, "steps": r.result.steps, "params": r.params,
                                   "seconds": r.result.seconds, "samples_per_epoch": r.result.samples_per_epoch,
                                   "order_digests": r.result.order_digests} for r in p2.records]

@@ -263,6 +263,7 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
     from swap_accel.data.sampling import worker_order
     from swap_accel.algorithm.schedules import make_schedule
     from swap_accel.checkpointing.snapshots import CycleSamples
+    from swap_accel.topology import Seat
 
     out = Path(sys.argv[1])
     acc = make_accelerator()
@@ -296,7 +297,7 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
     opt = OptimizerConfig(momentum=0.0, weight_decay=0.0)
     module = fresh()
     train_phase2(data_parallel(module, group, acc.device), module, source, cfg, opt, acc, seed=0, worker=0,
-                 log=NoLogging(), ckpt=NoCheckpoints(), group=group, member=rank, members=2,
+                 log=NoLogging(), ckpt=NoCheckpoints(), seat=Seat(group, rank, 2),
                  samples=CycleSamples(cfg.sampling, out, 0, leader=rank == 0))
 
     def by_hand(split_tail):

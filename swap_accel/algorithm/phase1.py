@@ -27,7 +27,7 @@ from ..recipe import OptimizerConfig, Phase1Config
 from .bn import bn_layers
 from .loop import EpochLoop, LoopResult, require_finite
 from .noise_scale import SLOTS, GradientNoise
-from .schedules import make_schedule
+from .schedules import EpochSchedule
 
 
 @dataclass
@@ -62,11 +62,10 @@ def train_phase1(
     noise: GradientNoise | None = None,
 ) -> Phase1Result:
     p, rank = accelerator.num_processes, accelerator.process_index
-    per_process = cfg.global_batch_size // p
-    micro = cfg.micro_batch_size or per_process
-    accumulation = per_process // micro
-    steps_per_epoch = source.num_samples // cfg.global_batch_size  # >= 1: Recipe.check_data
-    lr_at = make_schedule(cfg.lr, epochs=cfg.max_epochs, steps_per_epoch=steps_per_epoch)
+    # Batch, image size and learning rate per epoch (one stage, or the recipe's stages); the tail that does not fill
+    # a global batch is dropped, so an epoch has n // B steps, >= 1 (Recipe.check_data).
+    schedule = EpochSchedule(cfg.stages, cfg.lr, epochs=cfg.max_epochs, batch_size=cfg.global_batch_size,
+                             batch_key="global_batch_size", steps_for=lambda batch: source.num_samples // batch)
     augment_gen = torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, AUGMENT, 1, rank))
     random.seed(derive_seed(seed, AUGMENT, 1, rank))  # timm's streaming transforms draw from Python's RNG
     # fp16: Accelerate's scaler, which its backward and its prepared optimizer's step already apply.
@@ -77,16 +76,21 @@ def train_phase1(
     # Totals: the epoch's sums, then the gradient-noise sums, which DDP's comm hook fills through a view.
     loop = EpochLoop(result, epochs=cfg.max_epochs, ckpt=ckpt, log=log, totals_size=6, device=accelerator.device,
                      generator=augment_gen, resume=resume, state_file=f"rank{rank}.pt", what="phase 1",
-                     lr_key="phase1.lr.peak")
+                     lr_key=cfg.lr_key("phase1"))
     # Every rank must checkpoint at the same step: by steps (minutes turned into steps by `calibrate`), not clocks.
     loop.begin(by_clock=False)
     model.train()
     for epoch in loop.epochs():
-        done, totals = loop.done, loop.totals
-        order = phase1_shard(source.num_samples, seed=seed, epoch=epoch, global_batch=cfg.global_batch_size,
-                             rank=rank, num_processes=p)
-        batches = source.batches(order[done * per_process :], micro, augment=True, generator=augment_gen,
-                                 epoch=epoch)
+        done, totals, stage = loop.done, loop.totals, schedule.stage(epoch)
+        global_batch, steps_per_epoch = stage.batch_size, schedule.steps(epoch)
+        per_process = global_batch // p
+        micro = cfg.micro_batch_size or per_process
+        accumulation = per_process // micro
+        order = phase1_shard(source.num_samples, seed=seed, epoch=epoch, global_batch=global_batch, rank=rank,
+                             num_processes=p)
+        data = source.for_stage(stage.image_size, stage.min_scale)
+        batches = data.batches(
+            order[done * per_process :], micro, augment=True, generator=augment_gen, epoch=epoch)
         # A checkpoint from before the noise sums resumes its epoch with them from this launch's steps only.
         resumed_old = epoch == loop.first_epoch and (loop.resumed_totals_size or 6) < 6
         noise_steps = steps_per_epoch - done if resumed_old else steps_per_epoch
@@ -94,7 +98,7 @@ def train_phase1(
             noise.sums = totals.tensor[SLOTS]
         for i in log.steps(range(done, steps_per_epoch), phase=1, epoch=epoch, epochs=cfg.max_epochs,
                            total=steps_per_epoch):
-            lr = lr_at(result.steps)
+            lr = schedule.lr(result.steps, epoch, i)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for k in range(accumulation):
@@ -122,11 +126,13 @@ def train_phase1(
         ckpt.calibrate(rank_seconds / p / max(1, steps_per_epoch - done))
         loop.end_epoch(epoch, loss_sum, correct, count)
         seconds = loop.epoch_seconds()
-        row = {"phase": 1, "epoch": result.epochs, "step": result.steps, "lr": lr_at(result.steps - 1),
+        row = {"phase": 1, "epoch": result.epochs, "step": result.steps,
+               "lr": schedule.lr(result.steps - 1, epoch, steps_per_epoch - 1),
+               **schedule.describe(epoch, data.image_size),
                "train_loss": result.train_loss, "train_acc": result.train_acc, "images_per_s": count / seconds,
                "seconds": seconds}
         if noise is not None:  # B_simple as a guide to the phase-1 batch size
-            row["noise_scale"] = noise.epoch_estimate(noise_sums, noise_steps, p, cfg.global_batch_size)
+            row["noise_scale"] = noise.epoch_estimate(noise_sums, noise_steps, p, global_batch)
         result.history.append(row)
         # The transition search (`swap_accel transition`): the weights phase 2 would start from, had τ been each
         # candidate crossed, with this epoch's row. Off the clock like monitoring: writing them is the search's

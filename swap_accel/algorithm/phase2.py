@@ -22,13 +22,23 @@ from accelerate import Accelerator
 from ..checkpointing.resume import restore_optimizer
 from ..checkpointing.saver import Checkpointer
 from ..checkpointing.snapshots import CycleSamples
-from ..data.sampling import AUGMENT, WORKER_RNG, derive_seed, digest, shard_loss_weights, worker_order, worker_shard
+from ..data.sampling import (
+    AUGMENT,
+    WORKER_RNG,
+    derive_seed,
+    digest,
+    shard_loss_weights,
+    worker_blocks,
+    worker_order,
+    worker_shard,
+)
 from ..data.sources import DataSource
 from ..parallel.distributed import all_reduce_sum, all_true, broadcast_buffers_
 from ..parallel.precision import LossScale, new_scaler
 from ..recipe import OptimizerConfig, Phase2Config
+from ..topology import Seat
 from .loop import EpochLoop, LoopResult, require_finite
-from .schedules import make_schedule
+from .schedules import EpochSchedule
 
 
 @dataclass
@@ -71,25 +81,20 @@ def train_phase2(
     log,
     ckpt: Checkpointer,
     resume: Path | None = None,
-    group=None,
-    member: int = 0,
-    members: int = 1,
+    seat: Seat = Seat(),
     samples: CycleSamples,
 ) -> Phase2Result:
     """Train worker `worker` from the weights in `module`. `model` is `module` itself, or its data-parallel
-    wrapper on the worker's `group` of `members` processes, of which this one is `member`. `samples` takes the
-    models at the ends of the sampled LR cycles into its running sum (paper section 5.3)."""
+    wrapper on the worker's process group, in which this process has its `seat`. `samples` takes the models at the
+    ends of the sampled LR cycles into its running sum (paper section 5.3)."""
+    group, member, members = seat.group, seat.member, seat.members
     # fp16: a scaler per worker, as every optimizer needs its own; None otherwise.
     loss_scale = LossScale(new_scaler(accelerator))
-    optimizer = make_sgd(module, opt_cfg, cfg.lr.peak, fp16=loss_scale.scaler is not None)
-    order_of = lambda epoch: worker_order(source.num_samples, seed=seed, worker=worker, epoch=epoch)  # noqa: E731
-    _, step_sizes = worker_shard(order_of(0), batch_size=cfg.per_worker_batch_size, member=member, members=members)
-    steps_per_epoch = len(step_sizes)
-    # Every sample of a worker's step weighs the same, whichever member's slice it is in (unequal slices at an
-    # epoch's tail): each member's mean loss is scaled by its share before the group averages the gradients.
-    loss_weights = shard_loss_weights(source.num_samples, batch_size=cfg.per_worker_batch_size, member=member,
-                                      members=members)
-    lr_at = make_schedule(cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+    optimizer = make_sgd(module, opt_cfg, cfg.first_lr, fp16=loss_scale.scaler is not None)
+    n = source.num_samples
+    schedule = EpochSchedule(cfg.stages, cfg.lr, epochs=cfg.epochs, batch_size=cfg.per_worker_batch_size,
+                             batch_key="per_worker_batch_size",
+                             steps_for=lambda batch: len(worker_blocks(n, batch_size=batch, members=members)))
     augment_gen = torch.Generator(device=accelerator.device).manual_seed(
         _member_seed(seed, AUGMENT, 2, worker, member=member))
     torch.manual_seed(_member_seed(seed, WORKER_RNG, worker, member=member))
@@ -99,23 +104,28 @@ def train_phase2(
         restore_optimizer(resume, module, optimizer, loss_scale)
     loop = EpochLoop(result, epochs=cfg.epochs, ckpt=ckpt, log=log, totals_size=4, device=accelerator.device,
                      generator=augment_gen, resume=resume, state_file=f"member{member}.pt",
-                     what=f"worker {worker}: phase 2", lr_key="phase2.lr.peak")
+                     what=f"worker {worker}: phase 2", lr_key=cfg.lr_key("phase2"))
     if resume is not None:
         samples.restore(loop.first_epoch, module, accelerator.device)  # the cycles finished before the stop
     # A one-process worker checkpoints by its own clock; a group's members must pick the same step (phase 1's way).
     loop.begin(by_clock=members == 1)
     model.train()
     for epoch in loop.epochs():
-        done, totals = loop.done, loop.totals
-        order = order_of(epoch)
-        shard, sizes = worker_shard(order, batch_size=cfg.per_worker_batch_size, member=member, members=members)
-        batches = source.batches(shard[sum(sizes[:done]):], sizes[done:], augment=True, generator=augment_gen,
-                                 epoch=epoch)
+        done, totals, stage = loop.done, loop.totals, schedule.stage(epoch)
+        first_step, steps_per_epoch = result.steps - done, schedule.steps(epoch)
+        order = worker_order(n, seed=seed, worker=worker, epoch=epoch)
+        shard, sizes = worker_shard(order, batch_size=stage.batch_size, member=member, members=members)
+        # Every sample of a worker's step weighs the same, whichever member's slice it is in (unequal slices at an
+        # epoch's tail): each member's mean loss is scaled by its share before the group averages the gradients.
+        loss_weights = shard_loss_weights(n, batch_size=stage.batch_size, member=member, members=members)
+        data = source.for_stage(stage.image_size, stage.min_scale)
+        batches = data.batches(
+            shard[sum(sizes[:done]):], sizes[done:], augment=True, generator=augment_gen, epoch=epoch)
         for x, y in log.steps(batches, phase=2, epoch=epoch, epochs=cfg.epochs, total=steps_per_epoch):
-            lr = lr_at(result.steps)
+            lr = schedule.lr(result.steps, epoch, result.steps - first_step)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
-            weight = loss_weights[result.steps - epoch * steps_per_epoch]
+            weight = loss_weights[result.steps - first_step]
             with accelerator.autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=opt_cfg.label_smoothing)
@@ -129,8 +139,8 @@ def train_phase2(
                 require_finite(module, f"worker {worker}: phase 2 step {result.steps}", ckpt, totals.tensor,
                                agree=(lambda finite: all_true(finite, accelerator, group)) if group else bool)
                 ckpt.save_phase2(module, optimizer, loss_scale, result, worker=worker, epoch=epoch,
-                                 step_in_epoch=result.steps - epoch * steps_per_epoch, totals=totals.tensor,
-                                 generator=augment_gen, group=group, member=member, members=members)
+                                 step_in_epoch=result.steps - first_step, totals=totals.tensor,
+                                 generator=augment_gen, seat=seat)
         totals.tensor[totals.SECONDS] = loop.epoch_seconds()
         if group is not None:  # the worker's epoch numbers, over all its members' shards
             all_reduce_sum(totals.tensor, accelerator, group)
@@ -147,7 +157,9 @@ def train_phase2(
         samples.take(module, epoch, ckpt, result.steps)
         seconds = loop.epoch_seconds()
         row = {"phase": 2, "worker": worker, "epoch": result.epochs, "step": result.steps,
-               "lr": lr_at(result.steps - 1), "train_loss": result.train_loss, "train_acc": result.train_acc,
+               "lr": schedule.lr(result.steps - 1, epoch, steps_per_epoch - 1),
+               **schedule.describe(epoch, data.image_size),
+               "train_loss": result.train_loss, "train_acc": result.train_acc,
                "images_per_s": count / seconds, "seconds": seconds}
         result.history.append(row)
         loop.log(row)

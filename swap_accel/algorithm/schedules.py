@@ -6,14 +6,19 @@ to zero over its epochs. `start_epoch` enters a schedule part-way (ImageNet, pap
 phase 2 into equal cycles whose ends are its samples (paper section 5.3, Figure 6), run as `cycle_shape` says: `swa`,
 Izmailov et al. 2018's decay from α1 (`peak`) to a constant α2 (`swa_lr`) > 0 over the first cycle, never warmed up
 again; or `restart`, every cycle the whole schedule again (re-warming, closer to snapshot ensembles).
+
+A phase with `stages` follows a piecewise schedule instead (paper section 5.2, Figure 5): per stage, its own batch,
+training image size and crop scale, and a learning rate linear over the stage's epochs. `EpochSchedule` answers
+both kinds per epoch and step, so the phases need not know which one a recipe gave.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from ..recipe import LRConfig
+from ..recipe import LRConfig, StageConfig
 
 
 def lr_at_epoch(epoch: float, *, peak: float, warmup_epochs: float, total_epochs: float, shape: str,
@@ -87,3 +92,66 @@ def describe(cfg: LRConfig, epochs: int) -> str:
     if cfg.cycles == 1:
         return f"{warmup}{cfg.peak:g} → 0 over {count(epochs)}"
     return f"restart: {cfg.cycles} cycles of {count(cycle)}, each {warmup}{cfg.peak:g} → 0"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the epochs [start_epoch, end_epoch) of a phase train with (None: the source's own size and scale)."""
+
+    start_epoch: int
+    end_epoch: int
+    batch_size: int  # global in phase 1, per worker in phase 2
+    lr: tuple[float, float] | None = None  # linear from lr[0] to lr[1] over the stage; None: the phase's `lr`
+    image_size: int | None = None
+    min_scale: float | None = None
+
+
+def resolve_stages(stages: list[StageConfig], *, batch_size: int, batch_key: str, epochs: int) -> list[Stage]:
+    """The recipe's stages with every inherited value filled in (the first stage inherits the phase's batch); no
+    stages: one stage over the whole phase."""
+    if not stages:
+        return [Stage(0, epochs, batch_size)]
+    resolved, start, image_size, min_scale = [], 0, None, None
+    for cfg in stages:
+        batch_size = getattr(cfg, batch_key) or batch_size
+        image_size, min_scale = cfg.image_size or image_size, cfg.min_scale or min_scale
+        lr = cfg.lr if isinstance(cfg.lr, tuple) else (cfg.lr, cfg.lr)
+        resolved.append(Stage(start, cfg.until_epoch, batch_size, lr, image_size, min_scale))
+        start = cfg.until_epoch
+    return resolved
+
+
+class EpochSchedule:
+    """A phase's batch, image size and crop scale per epoch, and learning rate per step.
+
+    `steps_for(batch_size)` is the number of optimizer steps an epoch takes at that batch (the phase's own rule).
+    Without stages the rate is `make_schedule`'s function of the step count, as it was before stages existed (the
+    pinned results depend on it bit for bit); with stages it is a function of the fractional epoch, each step at
+    the middle of its slice (as make_schedule), since steps per epoch change with the batch.
+    """
+
+    def __init__(self, stages: list[StageConfig], lr: LRConfig | None, *, epochs: int, batch_size: int,
+                 batch_key: str, steps_for: Callable[[int], int]):
+        self.stages = resolve_stages(stages, batch_size=batch_size, batch_key=batch_key, epochs=epochs)
+        self.steps_for, self.staged = steps_for, bool(stages)
+        self._by_step = None if stages else make_schedule(lr, epochs=epochs, steps_per_epoch=steps_for(batch_size))
+
+    def stage(self, epoch: int) -> Stage:
+        return next((s for s in self.stages if epoch < s.end_epoch), self.stages[-1])
+
+    def steps(self, epoch: int) -> int:
+        return self.steps_for(self.stage(epoch).batch_size)
+
+    def lr(self, step: int, epoch: int, step_in_epoch: int) -> float:
+        """The rate of optimizer step `step` of the phase, step `step_in_epoch` of epoch `epoch`."""
+        if self._by_step is not None:
+            return self._by_step(step)
+        stage = self.stage(epoch)
+        progress = (epoch - stage.start_epoch + (step_in_epoch + 0.5) / self.steps(epoch)) / (
+            stage.end_epoch - stage.start_epoch)
+        return stage.lr[0] + (stage.lr[1] - stage.lr[0]) * progress
+
+    def describe(self, epoch: int, image_size: tuple[int, int]) -> dict:
+        """The epoch's staged settings for its history row, with the training images' size (nothing for an
+        unstaged phase)."""
+        return {"batch_size": self.stage(epoch).batch_size, "image_size": image_size[0]} if self.staged else {}

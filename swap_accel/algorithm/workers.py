@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -52,26 +53,44 @@ class Phase2Outcome:
         return sum(r.result.seconds for r in self.records)
 
 
-def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, group, *, accelerator, train_data,
-                test_data, log, ckpt: Checkpointer, counter: CollectiveCounter, run_dir: Path, phase1: dict,
-                phase1_params: str, started: dict) -> Phase2Outcome:
-    """Train (or resume, or reload) every worker of this process; `module` holds the phase-1 weights on entry.
-    `started` collects each worker's resume point for results.json."""
-    rank = accelerator.process_index
-    member, members = layout.member_of(rank), layout.processes_per_worker
-    mine = layout.workers_of(rank)
+class WorkerRun(Protocol):
+    """What phase 2 uses of a run (run_context.RunContext has it all): the phase-1 module and the recipe, the
+    workers' layout and this process's worker group, the data, monitoring, checkpoints, the collective counter and
+    the run directory."""
+
+    module: torch.nn.Module
+    recipe: Recipe
+    layout: WorkerLayout
+    group: object
+    accelerator: object
+    train_data: object
+    test_data: object
+    log: object
+    ckpt: Checkpointer
+    counter: CollectiveCounter
+    run_dir: Path
+
+
+def run_workers(run: WorkerRun, starts: dict, *, phase1: dict, phase1_params: str) -> Phase2Outcome:
+    """Train (or resume, or reload) every worker of this process; `run.module` holds the phase-1 weights on entry.
+    `starts` collects each worker's resume point for results.json; `phase1` and `phase1_params` (phase 1's summary
+    and weights digest) go into every finished worker's checkpoint for `swap_accel average`."""
+    module, recipe, accelerator, group = run.module, run.recipe, run.accelerator, run.group
+    log, ckpt, run_dir = run.log, run.ckpt, run.run_dir
+    seat = run.layout.seat(accelerator.process_index, group)
+    mine = run.layout.workers_of(accelerator.process_index)
     # Where each worker resumes: its group's leader decides and tells the members, so members that
     # see the shared directory differently cannot start at different steps.
     for worker in mine:
-        found = find_worker_start(run_dir, worker, leader=member == 0) if member == 0 else None
-        started[worker] = broadcast_object(found, accelerator, group) if group is not None else found
-        log.restore_worker(worker, started[worker].position(recipe.phase2.epochs)[1])
+        found = find_worker_start(run_dir, worker, leader=seat.leads) if seat.leads else None
+        starts[worker] = broadcast_object(found, accelerator, group) if group is not None else found
+        log.restore_worker(worker, starts[worker].position(recipe.phase2.epochs)[1])
     if isinstance(recipe.tracking.averaged_curve, int):
         # A curve point is a collective over every process, so every process must reach the same points. After a
         # resume the workers stand at different epochs (each checkpoints on its own clock; a finished one skips
         # phase 2): points only at epochs after the latest start, which every worker trains in this launch.
-        first = max(started[worker].position(recipe.phase2.epochs)[0] for worker in mine)
-        with counter.phase("averaged_curve"):
+        first = max(starts[worker].position(recipe.phase2.epochs)[0] for worker in mine)
+        with run.counter.phase("averaged_curve"):
             log.curve_after = int(gather_values(torch.tensor([first], device=accelerator.device), accelerator).max())
     # Sequential workers all start from phase 1's weights and buffers; one copy, kept on the device.
     origin = {k: v.detach().clone() for k, v in module.state_dict().items()} if len(mine) > 1 else None
@@ -80,35 +99,35 @@ def run_workers(module: torch.nn.Module, recipe: Recipe, layout: WorkerLayout, g
     for worker in mine:
         if origin is not None:
             module.load_state_dict(origin)
-        start = started[worker]
-        samples = CycleSamples(recipe.phase2.sampling, run_dir, worker, leader=member == 0)
+        start = starts[worker]
+        samples = CycleSamples(recipe.phase2.sampling, run_dir, worker, leader=seat.leads)
         if start.end is None:
-            p2 = train_phase2(model, module, train_data, recipe.phase2, recipe.optimizer, accelerator,
-                              seed=recipe.seed, worker=worker, log=log, ckpt=ckpt, resume=start.step, group=group,
-                              member=member, members=members, samples=samples)
+            p2 = train_phase2(model, module, run.train_data, recipe.phase2, recipe.optimizer, accelerator,
+                              seed=recipe.seed, worker=worker, log=log, ckpt=ckpt, resume=start.step, seat=seat,
+                              samples=samples)
         else:  # this worker finished before the run stopped
             p2 = load_result(start.end, module, Phase2Result)
             # Its earlier samples from disk, then its last epoch's sample once more: the end weights just loaded.
             last_epoch = recipe.phase2.epochs - 1
             samples.restore(last_epoch, module, accelerator.device)
             samples.take(module, last_epoch, ckpt, p2.steps)
-        with counter.phase("evaluation"):
+        with run.counter.phase("evaluation"):
             test_acc = p2.history[-1].get("test_acc")  # evaluated at the last logging point, if it was due
             if test_acc is None:
-                test_acc = evaluate_local(module, test_data, recipe.eval.batch_size, accelerator, group, member,
-                                          members)
-            test_acc_bn = evaluate_recalibrated(module, recipe, train_data, test_data, accelerator, group=group,
-                                                member=member, members=members)
-        outcome.records.append(WorkerRecord(worker, member, test_acc, test_acc_bn, p2, digest(flat_state(module))))
+                test_acc = evaluate_local(module, run.test_data, recipe.eval.batch_size, accelerator, group,
+                                          seat.member, seat.members)
+            test_acc_bn = evaluate_recalibrated(module, recipe, run.train_data, run.test_data, accelerator,
+                                                group=group, member=seat.member, members=seat.members)
+        outcome.records.append(WorkerRecord(worker, seat.member, test_acc, test_acc_bn, p2, digest(flat_state(module))))
         log.end_worker(p2.steps)
-        if member != 0:
+        if not seat.leads:
             continue
         (run_dir / "workers").mkdir(exist_ok=True)
         save_weights(run_dir / "workers" / f"worker{worker}.safetensors", module,
                      {"worker": str(worker), "phase2_steps": str(p2.steps), "test_acc": str(test_acc)})
         if start.end is None:  # what `swap_accel average` needs to use this worker without the others
             ckpt.save_end(module, f"p2-w{worker}-end", "phase2-end", p2.steps,
-                          {"worker": worker, "seed": recipe.seed, "members": members, "test_acc": test_acc,
+                          {"worker": worker, "seed": recipe.seed, "members": seat.members, "test_acc": test_acc,
                            "result": dataclasses.asdict(p2), "phase1": phase1, "phase1_params": phase1_params,
                            "samples": [p.name for p in samples.dirs]})
         outcome.local_sum = samples.sum if outcome.local_sum is None else outcome.local_sum.add_(samples.sum)

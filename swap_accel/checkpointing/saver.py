@@ -18,6 +18,7 @@ from ..data.sources import provenance
 from ..parallel.distributed import barrier
 from ..parallel.precision import LossScale
 from ..recipe import Recipe
+from ..topology import Seat
 from .files import MANIFEST, commit_checkpoint, load_weights_into, save_weights, verify_checkpoint, write_state
 from .resume import ROOT, step_dirs
 
@@ -120,9 +121,10 @@ class Checkpointer:
         self._mark(result.steps)
 
     def save_phase2(self, module, optimizer, loss_scale: LossScale, result, *, worker: int, epoch: int,
-                    step_in_epoch: int, totals, generator, group=None, member: int = 0, members: int = 1) -> None:
+                    step_in_epoch: int, totals, generator, seat: Seat = Seat()) -> None:
         """One worker's checkpoint, as phase 1's but inside its group: the weights and optimizer (identical on
         every member after the in-group all-reduce) from the leader, each member's loop state from itself."""
+        group, member, members = seat.group, seat.member, seat.members
         name = f"p2-w{worker}-step{result.steps:08d}"
         staging = self._staging(name)
         write_state(staging / f"member{member}.pt", loop_state(totals, generator))

@@ -17,6 +17,7 @@ directory and renamed into place atomically; the loser of the race finds the cac
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import json
@@ -83,6 +84,14 @@ class DataSource:
     def eval_loader(self, batch_size: int) -> DataLoader:
         """All samples in index order as CPU (normalized images, int64 labels), for accelerate's prepare."""
         raise NotImplementedError
+
+    def for_stage(self, image_size: int | None, min_scale: float | None) -> DataSource:
+        """This source with its training images at `image_size` px and RandomResizedCrop's scale from `min_scale`
+        (a schedule's stage, paper Figure 5); None keeps the source's own. In-memory data trains at its native
+        size: the recipe refuses stage sizes for it."""
+        if image_size is None and min_scale is None:
+            return self
+        raise ValueError(f"{type(self).__name__} trains at its native size; stage image sizes need streaming data")
 
 
 def _split_order(order: Tensor, num_samples: int, batch_size: int | list[int]) -> tuple[Tensor, ...]:
@@ -223,10 +232,30 @@ class StreamingSource(DataSource):
         self.num_samples, self.in_chans, self.image_size = len(rows), 3, (image_size, image_size)
         self.class_names, self.num_classes = list(class_names), len(class_names)
         self.num_workers = num_workers
-        rows = rows.select_columns([image_column, label_column])
+        self._rows = rows.select_columns([image_column, label_column])
+        self._columns = (image_column, label_column)
+        self._train = self._transformed(image_size, is_training=True)
+        self._eval = self._transformed(image_size, is_training=False)
+        self._stages: dict[tuple, StreamingSource] = {}
+
+    def _transformed(self, image_size: int, *, is_training: bool, min_scale: float | None = None) -> _TransformedRows:
         kwargs = dict(input_size=(3, image_size, image_size), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-        self._train = _TransformedRows(rows, image_column, label_column, create_transform(**kwargs, is_training=True))
-        self._eval = _TransformedRows(rows, image_column, label_column, create_transform(**kwargs, is_training=False))
+        if min_scale is not None:
+            kwargs["scale"] = (min_scale, 1.0)
+        return _TransformedRows(self._rows, *self._columns, create_transform(**kwargs, is_training=is_training))
+
+    def for_stage(self, image_size: int | None, min_scale: float | None) -> DataSource:
+        """A view whose train transform crops to `image_size` from at least `min_scale` of the image; evaluation
+        keeps data.image_size. Every epoch builds its DataLoader anew, so the next epoch's workers use it."""
+        if image_size is None and min_scale is None:
+            return self
+        key = (image_size, min_scale)
+        if key not in self._stages:
+            view = copy.copy(self)
+            size = image_size or self.image_size[0]
+            view._train, view.image_size = self._transformed(size, is_training=True, min_scale=min_scale), (size, size)
+            self._stages[key] = view
+        return self._stages[key]
 
     def _loader(self, data: Dataset, **kwargs) -> DataLoader:
         return DataLoader(data, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",

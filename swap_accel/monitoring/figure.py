@@ -17,15 +17,21 @@ matplotlib.use("Agg")  # files only: no display on training nodes or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ..algorithm.schedules import make_schedule  # noqa: E402
-from ..recipe import LRConfig  # noqa: E402
+from ..algorithm.schedules import EpochSchedule, make_schedule  # noqa: E402
+from ..recipe import LRConfig, StageConfig  # noqa: E402
 
 _SAMPLES_PER_EPOCH = 20  # LR is piecewise smooth; 20 points per epoch draw it exactly enough
 
 
-def _lr_curve(lr: dict, budget: int, epochs: int, steps: int, offset: float) -> tuple[list[float], list[float]]:
-    """The LR the run used at each step, recomputed as the loops do from the recorded recipe (schedule over
+def _lr_curve(phase: dict, budget: int, epochs: int, steps: int, offset: float) -> tuple[list[float], list[float]]:
+    """The LR the run used at each step, recomputed as the loops do from the recorded recipe's phase (schedule over
     the epoch `budget`) and the run's step counts; phase 1 may stop before its budget (τ)."""
+    if phase.get("stages"):  # piecewise over epochs: drawn at points within each epoch it trained
+        schedule = EpochSchedule([StageConfig(**s) for s in phase["stages"]], None, epochs=budget, batch_size=1,
+                                 batch_key="global_batch_size", steps_for=lambda batch: _SAMPLES_PER_EPOCH)
+        at = [(e, i) for e in range(epochs) for i in range(_SAMPLES_PER_EPOCH)]
+        return ([offset + e + (i + 0.5) / _SAMPLES_PER_EPOCH for e, i in at], [schedule.lr(0, e, i) for e, i in at])
+    lr = phase["lr"]
     per_epoch = max(1, steps // max(epochs, 1))
     lr_at = make_schedule(LRConfig(**lr), epochs=budget, steps_per_epoch=per_epoch)
     stride = max(1, per_epoch // _SAMPLES_PER_EPOCH)
@@ -38,7 +44,7 @@ def draw(results: dict) -> Figure:
     acc_ax = lr_ax.twinx()
     p1, p2, recipe = results["phase1"], results["phase2"], results["recipe"]
     e1 = p1["epochs"]
-    xs, ys = _lr_curve(recipe["phase1"]["lr"], recipe["phase1"]["max_epochs"], e1, p1["steps"], 0.0)
+    xs, ys = _lr_curve(recipe["phase1"], recipe["phase1"]["max_epochs"], e1, p1["steps"], 0.0)
     lr_ax.plot(xs, ys, color="0.55", lw=1.2, ls="--", label="learning rate")
     # `swap_accel average` of a worker's mid-phase checkpoint knows no phase-1 test accuracy or history.
     p1_acc = p1.get("test_acc")
@@ -50,7 +56,7 @@ def draw(results: dict) -> Figure:
         acc_ax.plot(*zip(*p1_points, strict=True), color="black", marker="o", ms=3, lw=2,
                     label="phase-1 model (shared)")
     if p2:
-        xs, ys = _lr_curve(recipe["phase2"]["lr"], p2["epochs"], p2["epochs"], p2["steps_per_worker"], e1)
+        xs, ys = _lr_curve(recipe["phase2"], p2["epochs"], p2["epochs"], p2["steps_per_worker"], e1)
         lr_ax.plot(xs, ys, color="0.55", lw=1.2, ls="--")
         # (epoch, accuracy) of each worker at its logging points; workers trained in turn share epochs.
         logged: dict[int, list] = {}
