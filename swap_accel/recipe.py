@@ -130,6 +130,10 @@ class StageConfig(Strict):
     image_size: PositiveInt | None = None
     # Streaming data only: RandomResizedCrop's smallest area fraction (unset: timm's 0.08).
     min_scale: float | None = Field(None, gt=0, le=1)
+    # Streaming data only: read this stage's training images from copies resized to this shorter side (px), built
+    # once under data.cache_dir, instead of decoding the full images (the published ImageNet schedule read 160 px
+    # copies at 128 px and 352 px at 224 px). Not inherited: a stage without it reads the full images.
+    read_resized: PositiveInt | None = None
 
     @field_validator("lr")
     @classmethod
@@ -376,10 +380,10 @@ class Recipe(Strict):
 
     def _check_lr(self, section: str, phase: _StagedPhase, epochs: int) -> None:
         if phase.stages:
-            sized = [i for i, s in enumerate(phase.stages) if s.image_size or s.min_scale]
+            sized = [i for i, s in enumerate(phase.stages) if s.image_size or s.min_scale or s.read_resized]
             if sized and self.data.in_memory:
-                raise ValueError(f"{section}.stages[{sized[0]}] sets image_size/min_scale, but in-memory data trains "
-                                 "at its native size; set data.in_memory: false, or remove them")
+                raise ValueError(f"{section}.stages[{sized[0]}] sets image_size/min_scale/read_resized, but in-memory "
+                                 "data trains at its native size; set data.in_memory: false, or remove them")
             return
         lr = phase.lr
         if lr.cycles > 1 and (epochs % lr.cycles or lr.schedule_epochs or lr.start_epoch):
@@ -415,6 +419,12 @@ class Recipe(Strict):
             if lr.swa_lr > lr.peak:
                 raise ValueError(f"phase2.lr.swa_lr={lr.swa_lr} exceeds phase2.lr.peak={lr.peak}: SWA decays from "
                                  "the peak α1 to α2 <= α1 (Izmailov et al. 2018); lower swa_lr or raise peak")
+
+    @property
+    def resized_sides(self) -> list[int]:
+        """The shorter sides of the pre-resized copies the stages read (data.resized builds them once)."""
+        phases = [self.phase1] + ([self.phase2] if self.phase2 is not None and self.phase2_runs else [])
+        return sorted({s.read_resized for phase in phases for s in phase.stages if s.read_resized})
 
     @property
     def phase2_runs(self) -> bool:

@@ -111,7 +111,7 @@ class RunContext:
         # collective that would hang on a dead peer (liveness.py). Started before any collective below.
         heartbeat = Heartbeat(run_dir, rank) if layout else None
 
-        train_data = load_data(recipe.data, accelerator.device, split="train")
+        train_data = load_data(recipe.data, accelerator.device, split="train", resized=recipe.resized_sides)
         recipe.check_data(train_data.num_samples)  # also in the CLI's preflight; here for train() called directly
         test_data = load_data(recipe.data, accelerator.device, split="test")
         module = build_model(recipe.model.name, in_chans=train_data.in_chans, num_classes=train_data.num_classes,

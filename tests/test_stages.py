@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from swap_accel.algorithm.schedules import EpochSchedule, make_schedule
-from swap_accel.data.sources import load_data
+from swap_accel.data.sources import load_data, prepare_data
 from swap_accel.recipe import LRConfig, RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -36,7 +36,7 @@ def _load(tmp_path, text, overrides=()):
     (BASE.replace("global_batch_size: 32", "per_worker_batch_size: 32"),
      "phase1.stages[1].per_worker_batch_size belongs to the other phase; use global_batch_size"),
     (BASE.replace("until_epoch: 2, per_worker", "until_epoch: 2, image_size: 64, per_worker"),
-     "phase2.stages[1] sets image_size/min_scale, but in-memory data trains at its native size"),
+     "phase2.stages[1] sets image_size/min_scale/read_resized, but in-memory data trains at its native size"),
     (BASE.replace("lr: 0.05", "lr: [0, 0]"), "not all 0"),
     (BASE + "mode: swa\n", "mode 'swa' samples a cyclic learning rate"),
     ("phase1: {global_batch_size: 64, max_epochs: 4, stop_train_accuracy: 0.9}\n"
@@ -84,13 +84,13 @@ def test_without_stages_the_rate_is_make_schedules_bit_for_bit():
 
 
 def _per_epoch(phase, key: str, offset: int = 0) -> list[tuple]:
-    """(schedule epoch, batch, image size, crop scale, rate at the epoch's start, at its end) for every epoch of a
-    phase, so that two stage lists cutting one schedule differently compare equal."""
+    """((schedule epoch, batch, image size, crop scale, copy read), (rate at the epoch's start, at its end)) for every
+    epoch of a phase, so that two stage lists cutting one schedule differently compare equal."""
     schedule = EpochSchedule(phase.stages, None, epochs=phase.stages[-1].until_epoch, batch_size=getattr(phase, key),
                              batch_key=key, steps_for=lambda batch: 1)
-    return [(epoch + offset, s.batch_size, s.image_size, s.min_scale, round(schedule.lr(0, epoch, -0.5), 9),
-             round(schedule.lr(0, epoch, 0.5), 9)) for epoch in range(phase.stages[-1].until_epoch)
-            for s in [schedule.stage(epoch)]]
+    return [((epoch + offset, s.batch_size, s.image_size, s.min_scale, s.read_resized),
+             (round(schedule.lr(0, epoch, -0.5), 9), round(schedule.lr(0, epoch, 0.5), 9)))
+            for epoch in range(phase.stages[-1].until_epoch) for s in [schedule.stage(epoch)]]
 
 
 def test_imagenet_recipes_are_the_published_schedule_doubled_for_phase_1_and_original_for_phase_2():
@@ -103,16 +103,22 @@ def test_imagenet_recipes_are_the_published_schedule_doubled_for_phase_1_and_ori
     large.check_processes(16)
     swap.check_processes(16)
     small_rows, large_rows = (_per_epoch(r.phase1, "global_batch_size") for r in (small, large))
-    assert [(e, 2 * b, size, scale) for e, b, size, scale, _, _ in small_rows] == [r[:4] for r in large_rows]
-    assert [2 * rate for row in small_rows for rate in row[4:]] == pytest.approx([r for row in large_rows
-                                                                                 for r in row[4:]])
+    assert [(e, 2 * b, *rest) for (e, b, *rest), _ in small_rows] == [settings for settings, _ in large_rows]
+    assert [2 * r for _, rates in small_rows for r in rates] == pytest.approx([r for _, rates in large_rows
+                                                                             for r in rates])
     assert _per_epoch(swap.phase1, "global_batch_size") == large_rows[:22] and swap.phase1.max_epochs == 22
     assert _per_epoch(swap.phase2, "per_worker_batch_size", offset=22) == small_rows[22:]
     assert swap.phase2.epochs == 6 and swap.phase2.workers == 2
-    # The published per-GPU batches on 8 GPUs (512 at 128 px, 224 at 224 px, 128 at 288 px) and its rates.
-    assert [row[1:3] for row in small_rows[::7]] == [(4096, 128), (4096, 128), (1792, 224), (1792, 224)]
-    assert small_rows[-1][1:4] == (1024, 288, 0.5) and small_rows[13][3] == 0.087
-    assert (small_rows[0][4], small_rows[6][5], small_rows[13][4], small_rows[-1][5]) == (1.0, 2.0, 0.4375, 0.00025)
+    # The published per-GPU batches on 8 GPUs (512 at 128 px, 224 at 224 px, 128 at 288 px), the pre-resized copies
+    # it read (trndir -sz/160 and -sz/352), its crop scales and its rates.
+    settings = [s for s, _ in small_rows]
+    assert settings[0] == (0, 4096, 128, None, 160) and settings[12] == (12, 4096, 128, None, 160)
+    assert settings[13] == (13, 1792, 224, 0.087, 352) and settings[24] == (24, 1792, 224, 0.087, 352)
+    assert settings[25] == (25, 1024, 288, 0.5, None) and settings[27] == (27, 1024, 288, 0.5, None)
+    rates = [r for _, r in small_rows]
+    assert (rates[0][0], rates[6][1], rates[7][1], rates[13][0], rates[21][1], rates[24][1], rates[27][1]) == (
+        1.0, 2.0, pytest.approx(2.0 - 1.75 / 6), 0.4375, 0.04375, 0.004375, 0.00025)
+    assert swap.resized_sides == [160, 352]
 
 
 def test_streaming_source_trains_each_stage_at_its_size_and_evaluates_at_data_image_size(tmp_path):
@@ -135,6 +141,38 @@ def test_streaming_source_trains_each_stage_at_its_size_and_evaluates_at_data_im
     (x_eval, _), = staged.batches(torch.arange(6), 6, augment=False, generator=None)
     assert x.shape[-2:] == (24, 24) and x_plain.shape[-2:] == (40, 40) and x_eval.shape[-2:] == (40, 40)
     assert staged.image_size == (24, 24) and source.image_size == (40, 40)
+
+
+def test_a_stage_reads_copies_resized_once_to_its_shorter_side_in_the_splits_row_order(tmp_path):
+    """read_resized: the training split copied once with every image's shorter side resized (never enlarged), the
+    rows (and so every order's and subset's indices) as in the split; the stage's view reads it, evaluation not."""
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i, (h, w) in enumerate([(40, 52), (48, 36), (20, 24)]):
+                PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    root / split / f"c{c}" / f"{i}.jpg")
+    text = BASE.replace("lr: [0.1, 0.2]}", "lr: [0.1, 0.2], image_size: 16, read_resized: 30}") + \
+        f"data: {{source: imagefolder, root: {root}, in_memory: false, image_size: 24, num_workers: 0, " \
+        f"train_subset: 5, cache_dir: {tmp_path / 'cache'}}}\n"
+    recipe = _load(tmp_path, text)
+    assert recipe.resized_sides == [30]
+    prepare_data(recipe.data, resized=recipe.resized_sides)
+    (built,) = (tmp_path / "cache" / "resized").glob("*-30px")
+    mtime = built.stat().st_mtime_ns
+    source = load_data(recipe.data, torch.device("cpu"), split="train", resized=recipe.resized_sides)
+    assert built.stat().st_mtime_ns == mtime  # built once, read after
+    staged = source.for_stage(16, None, 30)
+    full, copy = source._train.rows, staged._train.rows
+    assert len(copy) == len(full) == 5 and copy["label"] == full["label"]
+    assert [min(im.size) for im in copy["image"]] == [min(30, min(im.size)) for im in full["image"]]
+    assert sorted({min(im.size) for im in copy["image"]}) == [20, 30]  # 40x52 and 48x36 resized, 20x24 kept
+    (x, _), = staged.batches(torch.arange(5), 5, augment=True, generator=torch.Generator().manual_seed(0))
+    assert x.shape[-2:] == (16, 16)
+    with pytest.raises(ValueError, match="no copy resized to 99 px"):
+        source.for_stage(16, None, 99)
 
 
 def test_figure_1_draws_a_staged_schedule_from_the_recorded_recipe():

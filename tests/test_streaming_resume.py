@@ -1,10 +1,10 @@
 """Exact resume on the streaming path (the ImageNet recipe's): JPEGs decoded by DataLoader workers with timm's train
 transform, under a progressive schedule as the ImageNet recipe's (paper Figure 5): image size, batch and learning rate
-change between stages, 32 -> 48 px in phase 1 and 48 -> 64 px in phase 2. SIGKILL a 2-process run mid-epoch in
-phase 1, and mid-epoch in phase 2 where the one worker is a group of both processes, rerun the same command, and the
-weights equal the uninterrupted run's bit for bit: each image's augmentation is a pure function of (the process's
-augmentation seed, the epoch, the image), not of which DataLoader worker decodes it or where in the epoch a resumed
-launch starts, and each epoch's stage is a function of the epoch."""
+change between stages, 32 -> 48 px in phase 1 (the first stage reading pre-resized copies) and 48 -> 64 px in phase
+2. SIGKILL a 2-process run mid-epoch in phase 1, and mid-epoch in phase 2 where the one worker is a group of both
+processes, rerun the same command, and the weights equal the uninterrupted run's bit for bit: each image's
+augmentation is a pure function of (the process's augmentation seed, the epoch, the image), not of which DataLoader
+worker decodes it or where in the epoch a resumed launch starts, and each epoch's stage is a function of the epoch."""
 
 from __future__ import annotations
 
@@ -44,9 +44,10 @@ def _recipe(tmp, root, **checkpoint) -> os.PathLike:
         "model": {"name": "test_resnet"},  # timm's smallest ResNet
         "data": {"source": "imagefolder", "root": str(root), "in_memory": False, "image_size": 64,
                  "num_workers": 2, "cache_dir": str(tmp / "cache")},
-        # 240 images. Phase 1: 5 steps at 32 px, then 3 per epoch at 48 px (steps 6-8, 9-11).
+        # 240 images. Phase 1: 5 steps at 32 px read from copies resized to a 32 px shorter side, then 3 per epoch
+        # at 48 px from the full images (steps 6-8, 9-11).
         "phase1": {"global_batch_size": 48, "max_epochs": 3, "stop_train_accuracy": 0.99,
-                   "stages": [{"until_epoch": 1, "image_size": 32, "lr": [0.1, 0.2]},
+                   "stages": [{"until_epoch": 1, "image_size": 32, "read_resized": 32, "lr": [0.1, 0.2]},
                               {"until_epoch": 3, "image_size": 48, "min_scale": 0.35, "global_batch_size": 80,
                                "lr": [0.2, 0.02]}]},
         # The worker (both processes): 10 steps at 48 px (1-10), then 6 at 64 px (11-16).

@@ -88,7 +88,7 @@ def train_phase1(
         accumulation = per_process // micro
         order = phase1_shard(source.num_samples, seed=seed, epoch=epoch, global_batch=global_batch, rank=rank,
                              num_processes=p)
-        data = source.for_stage(stage.image_size, stage.min_scale)
+        data = source.for_stage(stage.image_size, stage.min_scale, stage.read_resized)
         batches = data.batches(
             order[done * per_process :], micro, augment=True, generator=augment_gen, epoch=epoch)
         # A checkpoint from before the noise sums resumes its epoch with them from this launch's steps only.

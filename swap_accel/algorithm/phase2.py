@@ -118,7 +118,7 @@ def train_phase2(
         # Every sample of a worker's step weighs the same, whichever member's slice it is in (unequal slices at an
         # epoch's tail): each member's mean loss is scaled by its share before the group averages the gradients.
         loss_weights = shard_loss_weights(n, batch_size=stage.batch_size, member=member, members=members)
-        data = source.for_stage(stage.image_size, stage.min_scale)
+        data = source.for_stage(stage.image_size, stage.min_scale, stage.read_resized)
         batches = data.batches(
             shard[sum(sizes[:done]):], sizes[done:], augment=True, generator=augment_gen, epoch=epoch)
         for x, y in log.steps(batches, phase=2, epoch=epoch, epochs=cfg.epochs, total=steps_per_epoch):

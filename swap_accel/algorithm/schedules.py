@@ -104,6 +104,7 @@ class Stage:
     lr: tuple[float, float] | None = None  # linear from lr[0] to lr[1] over the stage; None: the phase's `lr`
     image_size: int | None = None
     min_scale: float | None = None
+    read_resized: int | None = None  # not inherited (recipe.StageConfig)
 
 
 def resolve_stages(stages: list[StageConfig], *, batch_size: int, batch_key: str, epochs: int) -> list[Stage]:
@@ -116,7 +117,7 @@ def resolve_stages(stages: list[StageConfig], *, batch_size: int, batch_key: str
         batch_size = getattr(cfg, batch_key) or batch_size
         image_size, min_scale = cfg.image_size or image_size, cfg.min_scale or min_scale
         lr = cfg.lr if isinstance(cfg.lr, tuple) else (cfg.lr, cfg.lr)
-        resolved.append(Stage(start, cfg.until_epoch, batch_size, lr, image_size, min_scale))
+        resolved.append(Stage(start, cfg.until_epoch, batch_size, lr, image_size, min_scale, cfg.read_resized))
         start = cfg.until_epoch
     return resolved
 

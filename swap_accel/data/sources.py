@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from swap_accel.data.augment import augment_batch, cutout_
+from swap_accel.data.resized import build_copy, load_copy
 from swap_accel.data.sampling import AUGMENT, derive_seed
 from swap_accel.recipe import AugmentConfig, DataConfig
 
@@ -85,11 +86,11 @@ class DataSource:
         """All samples in index order as CPU (normalized images, int64 labels), for accelerate's prepare."""
         raise NotImplementedError
 
-    def for_stage(self, image_size: int | None, min_scale: float | None) -> DataSource:
-        """This source with its training images at `image_size` px and RandomResizedCrop's scale from `min_scale`
-        (a schedule's stage, paper Figure 5); None keeps the source's own. In-memory data trains at its native
-        size: the recipe refuses stage sizes for it."""
-        if image_size is None and min_scale is None:
+    def for_stage(self, image_size: int | None, min_scale: float | None, read_resized: int | None = None) -> DataSource:
+        """This source with its training images at `image_size` px and RandomResizedCrop's scale from `min_scale`,
+        read from the copies resized to a `read_resized` px shorter side (a schedule's stage, paper Figure 5); None
+        keeps the source's own. In-memory data trains at its native size: the recipe refuses stages for it."""
+        if image_size is None and min_scale is None and read_resized is None:
             return self
         raise ValueError(f"{type(self).__name__} trains at its native size; stage image sizes need streaming data")
 
@@ -227,33 +228,45 @@ class StreamingSource(DataSource):
         image_size: int,
         num_workers: int,
         device: torch.device,
+        copies: dict[int, datasets.Dataset] | None = None,
     ) -> None:
+        """`copies`: the same rows with images resized to each shorter side (data.resized), for stages that read
+        them."""
         self.device = torch.device(device)
         self.num_samples, self.in_chans, self.image_size = len(rows), 3, (image_size, image_size)
         self.class_names, self.num_classes = list(class_names), len(class_names)
         self.num_workers = num_workers
         self._rows = rows.select_columns([image_column, label_column])
         self._columns = (image_column, label_column)
+        self._copies = {side: resized_rows.select_columns([image_column, label_column])
+                        for side, resized_rows in (copies or {}).items()}
         self._train = self._transformed(image_size, is_training=True)
         self._eval = self._transformed(image_size, is_training=False)
         self._stages: dict[tuple, StreamingSource] = {}
 
-    def _transformed(self, image_size: int, *, is_training: bool, min_scale: float | None = None) -> _TransformedRows:
+    def _transformed(self, image_size: int, *, is_training: bool, min_scale: float | None = None,
+                     rows: datasets.Dataset | None = None) -> _TransformedRows:
         kwargs = dict(input_size=(3, image_size, image_size), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
         if min_scale is not None:
             kwargs["scale"] = (min_scale, 1.0)
-        return _TransformedRows(self._rows, *self._columns, create_transform(**kwargs, is_training=is_training))
+        return _TransformedRows(self._rows if rows is None else rows, *self._columns,
+                                create_transform(**kwargs, is_training=is_training))
 
-    def for_stage(self, image_size: int | None, min_scale: float | None) -> DataSource:
-        """A view whose train transform crops to `image_size` from at least `min_scale` of the image; evaluation
-        keeps data.image_size. Every epoch builds its DataLoader anew, so the next epoch's workers use it."""
-        if image_size is None and min_scale is None:
+    def for_stage(self, image_size: int | None, min_scale: float | None, read_resized: int | None = None) -> DataSource:
+        """A view whose train transform crops to `image_size` from at least `min_scale` of the image, read from the
+        `read_resized` copy; evaluation keeps data.image_size and the full images. Every epoch builds its
+        DataLoader anew, so the next epoch's workers use it."""
+        if image_size is None and min_scale is None and read_resized is None:
             return self
-        key = (image_size, min_scale)
+        if read_resized is not None and read_resized not in self._copies:
+            raise ValueError(f"no copy resized to {read_resized} px was loaded (load_data(..., resized=...))")
+        key = (image_size, min_scale, read_resized)
         if key not in self._stages:
             view = copy.copy(self)
             size = image_size or self.image_size[0]
-            view._train, view.image_size = self._transformed(size, is_training=True, min_scale=min_scale), (size, size)
+            view._train = self._transformed(size, is_training=True, min_scale=min_scale,
+                                            rows=self._copies.get(read_resized))
+            view.image_size = (size, size)
             self._stages[key] = view
         return self._stages[key]
 
@@ -631,8 +644,9 @@ def _check_size(cfg: DataConfig, images: Tensor) -> None:
                             f"images; use less than {side} (0 turns it off)")
 
 
-def prepare_data(cfg: DataConfig) -> None:
-    """One-time conversion/caching and existence checks; safe before any process group, and concurrently."""
+def prepare_data(cfg: DataConfig, resized: list[int] = ()) -> None:
+    """One-time conversion/caching and existence checks, and the training split's copies resized to each shorter
+    side in `resized` (streaming data); safe before any process group, and concurrently."""
     if cfg.source == "fashion_mnist":
         _fashion_mnist_cache(cfg)
         return
@@ -643,11 +657,24 @@ def prepare_data(cfg: DataConfig) -> None:
         _labels(ds, label, len(names), cfg)
     if cfg.in_memory:
         _train_stats(cfg, train, _columns(train, cfg)[0])
+    for side in resized:
+        _resized_copy(cfg, train, side)
 
 
-def load_data(cfg: DataConfig, device: torch.device, *, split: str) -> DataSource:
+def _resized_copy(cfg: DataConfig, train: datasets.Dataset, side: int) -> datasets.Dataset:
+    """The whole training split with its images resized to a `side` px shorter side (data.resized), built once
+    under the cache (file lock, temporary directory, rename) and read from there after; rows in split order."""
+    image, label, _ = _columns(train, cfg)
+    final = cache_root(cfg) / "resized" / f"{_digest([_train_split_key(cfg), len(train), side])}-{side}px"
+    _build_once(final, lambda out: build_copy(train.select_columns([image, label]), image, side, out,
+                                              num_proc=cfg.num_workers))
+    return load_copy(final)
+
+
+def load_data(cfg: DataConfig, device: torch.device, *, split: str, resized: list[int] = ()) -> DataSource:
     """The "train", "test" or "holdout" source: cfg.train_split less the held-out images (`_indices`), cfg.test_split,
-    or the held-out images of cfg.train_split; subset per cfg.train_subset/test_subset.
+    or the held-out images of cfg.train_split; subset per cfg.train_subset/test_subset. A streaming train source
+    also reads the copies resized to each shorter side in `resized` (`for_stage`).
 
     In-memory sources of any split normalize with the train split's statistics.
     """
@@ -671,12 +698,14 @@ def load_data(cfg: DataConfig, device: torch.device, *, split: str) -> DataSourc
     if split != "test":
         _TRAIN_SPLIT_SIZES[_train_split_key(cfg)] = len(ds)
     idx = _indices(len(ds), cfg, split)
+    copies = {side: _resized_copy(cfg, ds, side) for side in resized} if split == "train" else {}
     if idx is not None:
         ds, labels = ds.select(idx.tolist()), labels[idx]
+        copies = {side: rows.select(idx.tolist()) for side, rows in copies.items()}
     if not cfg.in_memory:
         return StreamingSource(ds, image_column=image, label_column=label, class_names=names,
                                image_size=cfg.image_size or DEFAULT_STREAMING_SIZE, num_workers=cfg.num_workers,
-                               device=device)
+                               device=device, copies=copies)
     images = _decode(ds, image, cfg)
     _check_size(cfg, images)
     train_images = images if split == "train" and idx is None else None

@@ -44,7 +44,7 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
     check_model_name(recipe.model.name)
     run_dir = run_dir_for(recipe, out)
     check_run_dir(recipe, run_dir, num_processes, overwrite)
-    prepare_data(recipe.data)
+    prepare_data(recipe.data, resized=recipe.resized_sides)
     recipe.check_data(load_data(recipe.data, torch.device("cpu"), split="train").num_samples)
     test = load_data(recipe.data, torch.device("cpu"), split="test")
     check_model_input(recipe.model.name, recipe.model.kwargs, in_chans=test.in_chans, num_classes=test.num_classes,
