@@ -44,9 +44,10 @@ def overrides(precision: str, dry_run: bool) -> list[str]:
     sets = [f"mixed_precision={PRECISIONS[precision]}", "phase2.workers=4", "tracking.backend=none",
             "checkpoint.every_minutes=1000", "tracking.eval_every=0"]
     if dry_run:  # seconds on a CPU; fp16 on a CPU is slow (README): 2 workers in turn are enough to exercise turns
-        sets += ["phase2.workers=2", "data.train_subset=512", "data.test_subset=256", "phase1.global_batch_size=256",
-                 "phase1.micro_batch_size=128", "phase1.max_epochs=2", "phase1.lr.warmup_epochs=1",
-                 "phase2.epochs=1", "eval.bn_samples=256", "eval.batch_size=256", "model.kwargs={base_width: 8}"]
+        sets += ["phase2.workers=2", "data.train_subset=256", "data.test_subset=256", "phase1.global_batch_size=64",
+                 "phase1.micro_batch_size=64", "phase1.max_epochs=2", "phase1.lr.warmup_epochs=1",
+                 "phase2.per_worker_batch_size=64", "phase2.epochs=1", "eval.bn_samples=128", "eval.batch_size=256",
+                 "model.kwargs={base_width: 8}"]
     return sets
 
 

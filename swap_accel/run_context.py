@@ -29,7 +29,7 @@ from .checkpointing.rundir import discard_outputs
 from .checkpointing.saver import Checkpointer
 from .data.sources import DataSource, load_data
 from .models import build_model
-from .monitoring import figure, tracking
+from .monitoring import tracking
 from .monitoring.monitor import Monitor
 from .monitoring.progress import Progress
 from .monitoring.report import print_table, table_rows
@@ -182,6 +182,9 @@ class RunContext:
                      {"name": self.recipe.name, "test_acc": str(results["test_acc"])})
         results.update(weights_identity(run_dir / "model.safetensors"))  # results.json, written last, vouches for it
         self.log.progress.close()
+        # Imported here: matplotlib costs every process a third of a second at start-up, and only this one draws.
+        from .monitoring import figure
+
         results["figure"] = figure.save(results, run_dir / "figure1.png").name
         write_json(run_dir / "results.json", results)
         print_table([results])
