@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import swap_accel
-from swap_accel.data.sources import load_data
+from swap_accel.data.loading import load_data
 from swap_accel.recipe import DataConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"

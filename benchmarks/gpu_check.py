@@ -186,8 +186,8 @@ def hand_written_step(recipe, steps: int, cuda: bool, repeats: int) -> float:
     """The same model, batch, micro-batches, SGD, autocast and in-memory data pipeline as swap_accel's phase 1,
     written as a plain loop: the baseline for the overhead ratio. Seconds per step, median of `repeats`."""
     from swap_accel.algorithm.phase2 import make_sgd
+    from swap_accel.data.loading import load_data
     from swap_accel.data.sampling import phase1_shard
-    from swap_accel.data.sources import load_data
     from swap_accel.models import build_model
 
     device = torch.device("cuda" if cuda else "cpu")

@@ -33,7 +33,7 @@ import torch
 from benchmarks import planner
 from benchmarks.common import replace_block, save
 from benchmarks.regimes import REGIMES, ROOT, Regime, Row
-from swap_accel.data.sources import load_data
+from swap_accel.data.loading import load_data
 from swap_accel.recipe import Recipe, load_recipe
 
 

@@ -117,7 +117,7 @@ def average(
     """Average worker checkpoints, recompute BN statistics, evaluate: phase 3 for any set of workers, e.g. the
     survivors of a run that lost one (phase 2 needs no worker to wait for another), or a greedy soup of them."""
     try:
-        from .data.sources import prepare_data
+        from .data.loading import prepare_data
         from .models import check_model_name
         from .recipe import load_recipe
         from .tools.average import average as run

@@ -27,7 +27,8 @@ from .checkpointing.files import save_weights, weights_identity, write_json, wri
 from .checkpointing.resume import Start, find_start
 from .checkpointing.rundir import discard_outputs
 from .checkpointing.saver import Checkpointer
-from .data.sources import DataSource, load_data
+from .data.loading import load_data
+from .data.sources import DataSource
 from .models import build_model
 from .monitoring import tracking
 from .monitoring.monitor import Monitor

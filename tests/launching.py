@@ -1,4 +1,4 @@
-"""Helpers for real multi-process launches through `accelerate launch`, the launcher users use."""
+"""Helpers for real multi-process launches through accelerate's launch command, the launcher users use."""
 
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 # Debian's dataset-fashion-mnist; the variable only lets a test point the suite at a folder without it.
 FASHION = Path(os.environ.get("SWAP_ACCEL_TEST_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+# accelerate's `launch` command run as its module: the parser and launch_command that `accelerate launch` runs,
+# without the `accelerate` console script's start-up, which first imports every subcommand (timm among them, through
+# estimate-memory): 3 s of one core before any process starts, minutes over the suite. The console script itself,
+# the form the README gives, launches test_swap_multiprocess's 2-process run (CONSOLE_LAUNCH).
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+CONSOLE_LAUNCH = [str(Path(sys.executable).parent / "accelerate"), "launch"]
 
 needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
                                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
@@ -53,8 +58,8 @@ def tiny_recipe(tmp: Path, cache: Path, **sections) -> Path:
 
 
 def launch(num_processes: int, recipe: Path, out: Path, *extra: str, timeout: int = 600,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+           env: dict | None = None, launcher: list[str] = LAUNCH) -> subprocess.CompletedProcess:
+    cmd = [*launcher, "--config_file", str(ROOT / "accelerate_config.yaml"),
            "--num_processes", str(num_processes), "--main_process_port", str(free_port()),
            "-m", "swap_accel", "train", str(recipe), "--out", str(out), *extra]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -89,7 +94,7 @@ def tensors_equal(a: Path, b: Path) -> list[str]:
 
 
 def train_command(recipe: Path, out: Path, *launcher: str) -> list[str]:
-    return [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_config.yaml"), *launcher,
+    return [*LAUNCH, "--config_file", str(ROOT / "accelerate_config.yaml"), *launcher,
             "-m", "swap_accel", "train", str(recipe), "--out", str(out)]
 
 

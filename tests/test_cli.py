@@ -168,7 +168,7 @@ def test_export_of_a_streaming_run_states_the_eval_transform_it_was_measured_wit
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
     from swap_accel.checkpointing.files import save_weights
-    from swap_accel.data.sources import load_data
+    from swap_accel.data.loading import load_data
     from swap_accel.models import build_model
     from swap_accel.recipe import Recipe
 

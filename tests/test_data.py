@@ -21,16 +21,9 @@ import pytest
 import torch
 
 from swap_accel.data.augment import augment_batch, cutout_
-from swap_accel.data.sources import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_FILES,
-    FASHION_MNIST_ROOT,
-    DataError,
-    InMemorySource,
-    StreamingSource,
-    load_data,
-    prepare_data,
-)
+from swap_accel.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, FASHION_MNIST_ROOT
+from swap_accel.data.loading import load_data, prepare_data
+from swap_accel.data.sources import DataError, InMemorySource, StreamingSource
 from swap_accel.recipe import AugmentConfig, DataConfig
 
 CPU = torch.device("cpu")
@@ -146,7 +139,7 @@ def test_subset_is_deterministic(fashion_cfg: DataConfig, fashion_train: InMemor
 def test_concurrent_prepare_data_builds_one_cache(tmp_path: Path) -> None:
     root, cache = _tiny_fashion(tmp_path / "idx"), tmp_path / "cache"
     code = (
-        "import sys; from swap_accel.data.sources import prepare_data; from swap_accel.recipe import DataConfig; "
+        "import sys; from swap_accel.data.loading import prepare_data; from swap_accel.recipe import DataConfig; "
         "prepare_data(DataConfig(root=sys.argv[1], cache_dir=sys.argv[2]))"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(root), str(cache)], cwd=REPO) for _ in range(2)]

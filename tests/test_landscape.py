@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import ACCELERATE, ROOT, free_port, launch, needs_fashion, tiny_recipe
+from launching import LAUNCH, ROOT, free_port, launch, needs_fashion, tiny_recipe
 
 from swap_accel.checkpointing.files import load_weights_into
+from swap_accel.data.loading import load_data
 from swap_accel.data.sampling import bn_order
-from swap_accel.data.sources import load_data
 from swap_accel.models import build_model
 from swap_accel.recipe import load_recipe
 from swap_accel.tools.geometry import (
@@ -105,7 +105,7 @@ def test_landscape_of_a_real_run_on_two_processes(tmp_path, data_cache):
     trained = launch(2, recipe_path, run, "--set", "checkpoint.every_steps=4", "--set", "checkpoint.keep=50")
     assert trained.returncode == 0, trained.stderr[-3000:]
     out = tmp_path / "plane"
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", "2",
+    cmd = [*LAUNCH, "--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", "2",
            "--main_process_port", str(free_port()), "-m", "swap_accel", "landscape", str(run), "--grid", "4",
            "--bn-samples", "400", "--train-samples", "300", "--test-samples", "200", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -29,7 +29,7 @@ import swap_accel.tools.transition
 import swap_accel.train
 from swap_accel.checkpointing.files import commit_checkpoint
 from swap_accel.cli import app
-from swap_accel.data.sources import FASHION_MNIST_FILES
+from swap_accel.data.fashion_mnist import FASHION_MNIST_FILES
 from swap_accel.recipe import load_recipe
 from swap_accel.tools.transition import plan
 

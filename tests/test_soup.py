@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import torch
-from launching import ACCELERATE, ROOT, free_port, launch, needs_fashion, tiny_recipe
+from launching import LAUNCH, ROOT, free_port, launch, needs_fashion, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from swap_accel.algorithm.soup import greedy_soup
@@ -88,7 +88,7 @@ def test_greedy_soup_in_phase3_and_average_leaves_a_bad_worker_out(tmp_path, dat
     info = {k: v for k, v in manifest.items() if k not in ("format", "files")} | {"worker": 7}
     commit_checkpoint(staging, tmp_path / "bad" / "p2-w7-end", ["model.safetensors"], info)
     soup = tmp_path / "soup"
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", "2",
+    cmd = [*LAUNCH, "--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", "2",
            "--main_process_port", str(free_port()), "-m", "swap_accel", "average", str(out),
            str(tmp_path / "bad" / "p2-w7-end"), "--recipe", str(out / "recipe.yaml"), "--out", str(soup),
            "--selection", "greedy"]

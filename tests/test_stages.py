@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from swap_accel.algorithm.schedules import EpochSchedule, make_schedule
-from swap_accel.data.sources import load_data, prepare_data
+from swap_accel.data.loading import load_data, prepare_data
 from swap_accel.recipe import LRConfig, RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

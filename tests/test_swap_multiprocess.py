@@ -12,12 +12,12 @@ import sys
 
 import pytest
 import torch
-from launching import ROOT, free_port, launch, needs_fashion, tiny_recipe
+from launching import CONSOLE_LAUNCH, LAUNCH, ROOT, free_port, launch, needs_fashion, tiny_recipe
 from safetensors.torch import load_file
 
 import swap_accel  # noqa: F401
+from swap_accel.data.loading import load_data
 from swap_accel.data.sampling import bn_order, digest, worker_order
-from swap_accel.data.sources import load_data
 from swap_accel.models import build_model
 from swap_accel.recipe import load_recipe
 
@@ -28,7 +28,8 @@ def _run(tmp_path_factory, data_cache, processes: int):
     tmp = tmp_path_factory.mktemp(f"swap{processes}")
     recipe = tiny_recipe(tmp, data_cache)
     out = tmp / "run"
-    result = launch(processes, recipe, out)
+    # The 2-process run through the `accelerate` console script, as the README launches (launching.LAUNCH).
+    result = launch(processes, recipe, out, launcher=CONSOLE_LAUNCH if processes == 2 else LAUNCH)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in range(processes)]
     return {"recipe": load_recipe(recipe), "out": out, "results": json.loads((out / "results.json").read_text()),

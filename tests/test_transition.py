@@ -17,7 +17,8 @@ from launching import ROOT, needs_fashion, run_on_ranks, tiny_recipe
 
 from swap_accel.algorithm.noise_scale import GradientNoise, estimate
 from swap_accel.checkpointing.files import load_weights_into
-from swap_accel.data.sources import DataError, _indices
+from swap_accel.data.loading import _indices
+from swap_accel.data.sources import DataError
 from swap_accel.models import build_model
 from swap_accel.recipe import DataConfig, load_recipe
 from swap_accel.tools.transition import parse_candidates, recommend
@@ -159,7 +160,7 @@ def test_transition_search_on_two_real_processes(tmp_path, data_cache):
     run_dir = out / f"tau{row['tau']:g}"
     r = load_recipe(run_dir / "recipe.yaml")
     assert r.data.holdout_samples == 400 and r.from_phase1 is not None
-    from swap_accel.data.sources import load_data
+    from swap_accel.data.loading import load_data
 
     held = load_data(r.data, torch.device("cpu"), split="holdout")
     module = build_model(r.model.name, in_chans=1, num_classes=10, kwargs=r.model.kwargs, image_size=(28, 28))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.sources import (
+from ..data.provenance import (
     describe_provenance,
     held_out_trained_on,
     provenance,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.sources import provenance
+from ..data.provenance import provenance
 from ..parallel.distributed import barrier
 from ..parallel.precision import LossScale
 from ..recipe import Recipe

@@ -5,7 +5,7 @@ images resized to a 160 px shorter side, and its 224 px epochs from 352 px copie
 most of the streaming path's CPU cost: on generated ImageNet-like JPEGs one core feeds 2.4x the images per second
 at 128 px from such copies (benchmarks/loader.py, docs/performance.md), so a stage that crops 128 px from a
 full-size photo is CPU-bound where its copy is not. A copy keeps the rows of its split in order, so the indices
-every order and subset uses (sampling.py, sources._indices) pick the same images from it.
+every order and subset uses (sampling.py, loading._indices) pick the same images from it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ from ..checkpointing.files import (
 from ..checkpointing.resume import ROOT, check_data, check_model
 from ..checkpointing.rundir import check_writable
 from ..checkpointing.snapshots import CycleSamples, load_flat, model_name
-from ..data.sources import load_data, provenance_sets
+from ..data.loading import load_data
+from ..data.provenance import provenance_sets
 from ..models import build_model
 from ..monitoring.report import averaging_summary, print_table, run_header
 from ..parallel.counting import CollectiveCounter

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from ..checkpointing.files import load_weights_into, verify_checkpoint, write_json
 from ..checkpointing.resume import ROOT, step_dirs
+from ..data.loading import load_data
 from ..data.sampling import bn_order
-from ..data.sources import DataSource, load_data
+from ..data.sources import DataSource
 from ..models import build_model
 from ..recipe import Recipe, load_recipe
 from .geometry import LandscapeError, direction_cosine, flat_parameters

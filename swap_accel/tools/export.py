@@ -20,7 +20,8 @@ from timm.data import DEFAULT_CROP_PCT
 from timm.models import save_for_hf
 
 from ..checkpointing.files import CheckpointError, load_weights, tensors_sha256
-from ..data.sources import DataSource, load_data
+from ..data.loading import load_data
+from ..data.sources import DataSource
 from ..models import build_model
 from ..monitoring.report import COLUMNS, table_rows
 from ..recipe import Recipe

@@ -26,8 +26,8 @@ from ..algorithm.bn import recalibrate_bn_
 from ..algorithm.evaluate import evaluate_local
 from ..checkpointing.files import load_weights_into, verify_checkpoint, write_json
 from ..checkpointing.resume import ROOT
+from ..data.loading import load_data
 from ..data.sampling import bn_order
-from ..data.sources import load_data
 from ..models import build_model
 from ..parallel.distributed import gather_objects, make_accelerator
 from ..recipe import Recipe, load_recipe

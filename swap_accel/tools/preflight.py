@@ -28,7 +28,7 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
     import torch
 
     from ..checkpointing.rundir import check_run_dir
-    from ..data.sources import load_data, prepare_data
+    from ..data.loading import load_data, prepare_data
     from ..models import check_model_input, check_model_name
     from ..monitoring.tracking import check_backend
     from ..recipe import RecipeError, load_recipe
