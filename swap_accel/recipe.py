@@ -224,6 +224,12 @@ class Phase2Config(_StagedPhase):
     # Paper section 5.3 (Table 4, "SWAP 40 small-batch epochs"): each worker contributes the models at the ends of
     # its last S learning-rate cycles (phase2.lr.cycles), and phase 3 averages all W x S with equal weight.
     samples_per_worker: PositiveInt = 1
+    # The workers each process would train in turn (workers a multiple of the processes) trained at once instead:
+    # their weights, BN statistics and momentum stacked, one vmapped step for all (algorithm/stacked.py), for a GPU
+    # that one small-batch worker leaves idle. Each worker keeps its own order, augmentation, samples and checkpoints;
+    # the result equals training them in turn up to floating-point rounding. Not with fp16 (a loss scaler per
+    # worker), model.compile, or a model that draws random numbers while training (dropout, drop-path).
+    stack_workers: bool = False
 
     @property
     def sampling(self) -> dict[str, int]:
@@ -368,6 +374,11 @@ class Recipe(Strict):
             samples, cycles = self.phase2.samples_per_worker, self.phase2.cycles
             raise ValueError(f"phase2.samples_per_worker={samples} takes one model at the end of each of the last "
                              f"cycles, but phase2.lr.cycles={cycles}; set phase2.lr.cycles={samples} (or more)")
+        if self.phase2 is not None and self.phase2.stack_workers and (self.mixed_precision == "fp16"
+                                                                      or self.model.compile):
+            what = "mixed_precision: fp16 (a loss scaler per worker)" if self.mixed_precision == "fp16" else \
+                "model.compile"
+            raise ValueError(f"phase2.stack_workers cannot be combined with {what}; remove one of them")
         if self.phase3.selection == "greedy" and not self.data.holdout_samples:
             raise ValueError("phase3.selection=greedy chooses workers on held-out training images: set "
                              "data.holdout_samples=N (e.g. 5000), so that no worker trains on them")
@@ -471,6 +482,10 @@ class Recipe(Strict):
             if b2 % g:
                 raise RecipeError(f"{key}={b2} is not divisible by the {g} processes of a worker ({num_processes} "
                                   f"processes / {workers} workers); use a multiple of {g}")
+        if self.phase2.stack_workers and layout.workers_per_process == 1:
+            raise RecipeError(f"phase2.stack_workers stacks the workers a process trains in turn, but {workers} "
+                              f"workers on {num_processes} processes train one per process; set phase2.workers to a "
+                              f"multiple of {num_processes} above it, or remove stack_workers")
         if isinstance(self.tracking.averaged_curve, int) and layout.workers_per_process > 1:
             raise RecipeError(f"tracking.averaged_curve={self.tracking.averaged_curve} needs every worker at once, but "
                               f"{workers} workers on {num_processes} processes train in turn; use averaged_curve: end")
@@ -493,12 +508,15 @@ class Recipe(Strict):
             processes = f"{num_processes} process{'es' if num_processes > 1 else ''}"
             notes.append(f"note: phase 2 has a single worker ({processes}{unset}), so phase 3 "
                          f"averages one model and this is large batch then small batch, not SWAP; {fix}")
-        if layout.workers_per_process > 1:
+        if layout.workers_per_process > 1 and not self.phase2.stack_workers:
             k = layout.workers_per_process
             notes.append(f"note: phase2.workers={layout.workers} on {num_processes} process(es): each process trains "
                          f"{k} workers one after another, so phase 2 takes {k} times one worker's time and the run "
                          f"writes 2 weight files per worker; launch more processes or lower phase2.workers if that "
                          "is not meant")
+        elif layout.workers_per_process > 1:
+            notes.append(f"note: phase2.workers={layout.workers} on {num_processes} process(es): each process trains "
+                         f"{layout.workers_per_process} workers at once, stacked (phase2.stack_workers)")
         return notes
 
 

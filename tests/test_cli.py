@@ -80,8 +80,8 @@ def test_sgd_mode_and_finished_run_protection(tmp_path, data_cache):
     assert r["critical_path_steps"] == r["phase1"]["steps"] and r["collectives"]["phase2"]["calls"] == 0
     assert "SGD (batch 252)" in result.stdout
     before = (out / "results.json").read_bytes()
-    again = launch(2, recipe, out)
-    assert again.returncode != 0 and "already holds a finished run" in again.stderr
+    again = CliRunner().invoke(app, ["train", str(recipe), "--out", str(out)])  # refused before any work starts
+    assert again.exit_code != 0 and "already holds a finished run" in again.stderr
     assert (out / "results.json").read_bytes() == before
 
 

@@ -351,3 +351,31 @@ def test_worker_blocks_give_every_member_two_samples_of_the_tail():
     assert worker_blocks(201, batch_size=100, members=1) == [100, 100, 1]  # one process: plain batching
     assert shard_loss_weights(205, batch_size=100, member=0, members=2) == [1.0, 1.0, 2 * 3 / 5]
     assert shard_loss_weights(205, batch_size=100, member=1, members=2) == [1.0, 1.0, 2 * 2 / 5]
+
+
+def test_stacked_workers_killed_and_rerun_end_as_the_workers_trained_in_turn(sequential, tmp_path, data_cache):
+    """phase2.stack_workers: each process's 2 workers trained at once (one vmapped step, algorithm/stacked.py),
+    checkpointing as workers in turn do (p2-w<k>-step*, each worker its own files). SIGKILL mid phase 2, rerun: every
+    worker resumes from its checkpoint at the common step and ends where the same workers trained in turn end (float32
+    rounding apart: the vmapped convolutions sum in another order; tests/test_stacked.py shows the computation equal
+    in float64). Phase 1 is the in-turn run's (--from-phase1), so only phase 2 differs."""
+    recipe = tiny_recipe(tmp_path, data_cache, phase2={"workers": 4, "stack_workers": True},
+                         checkpoint={"every_steps": 5})
+    out = tmp_path / "run"
+    cmd = [*train_command(recipe, out, "--num_processes", "2", "--main_process_port", str(free_port())),
+           "--from-phase1", str(sequential["out"])]
+    kill_when(start(cmd, tmp_path / "killed.log"),
+              lambda: any(int(p.name.rsplit("step", 1)[1]) >= 25 for p in checkpoints(out, "p2-w3-step*")))
+    assert not (out / "results.json").exists() and not checkpoints(out, "p2-w*-end")
+    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **ENV}, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["phase2"]["workers_per_process"] == 2 and r["collectives"]["phase2"]["calls"] == 0
+    resumed = {w: s["step"] for w, s in r["resumed_from"]["workers"].items()}
+    assert len({step.rsplit("step", 1)[1] for step in resumed.values()}) == 1, resumed  # one step for the stack
+    for k in range(4):
+        ours, theirs = (load_file(run / "workers" / f"worker{k}.safetensors") for run in (out, sequential["out"]))
+        for name in _param_names():
+            relative = ((ours[name] - theirs[name]).norm() / theirs[name].norm()).item()
+            assert relative < 0.05, (k, name, relative)
+    assert abs(r["test_acc"] - sequential["results"]["test_acc"]) < 0.02

@@ -92,6 +92,7 @@ class EpochLoop:
             self.first_epoch, self._resumed_done, self._resumed_totals = restore_loop(
                 resume, state_file, result, generator, device)
         self.resumed_totals_size = None if self._resumed_totals is None else self._resumed_totals.numel()
+        self.resumed_at = (self.first_epoch, self._resumed_done)  # (epoch, steps done in it) this launch starts at
         self.done = 0         # steps of the current epoch already trained before this launch
         self.totals: EpochTotals | None = None
         self._start = self._epoch_start = 0.0

@@ -11,6 +11,7 @@ the current worker's own running sum of samples), not W/P or W x S copies.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +29,7 @@ from ..recipe import Recipe
 from ..topology import WorkerLayout
 from .evaluate import evaluate_local, evaluate_recalibrated
 from .phase2 import Phase2Result, train_phase2
+from .stacked import train_stacked
 
 
 @dataclass
@@ -95,22 +97,26 @@ def run_workers(run: WorkerRun, starts: dict, *, phase1: dict, phase1_params: st
     # Sequential workers all start from phase 1's weights and buffers; one copy, kept on the device.
     origin = {k: v.detach().clone() for k, v in module.state_dict().items()} if len(mine) > 1 else None
     model = data_parallel(module, group, accelerator.device)
+    samples = {worker: CycleSamples(recipe.phase2.sampling, run_dir, worker, leader=seat.leads) for worker in mine}
+    stacked = _train_stacked(run, starts, samples, origin) if recipe.phase2.stack_workers else {}
     outcome = Phase2Outcome()
     for worker in mine:
         if origin is not None:
             module.load_state_dict(origin)
         start = starts[worker]
-        samples = CycleSamples(recipe.phase2.sampling, run_dir, worker, leader=seat.leads)
-        if start.end is None:
+        if worker in stacked:  # trained at once with this process's other workers
+            p2, state = stacked[worker]
+            module.load_state_dict(state)
+        elif start.end is None:
             p2 = train_phase2(model, module, run.train_data, recipe.phase2, recipe.optimizer, accelerator,
                               seed=recipe.seed, worker=worker, log=log, ckpt=ckpt, resume=start.step, seat=seat,
-                              samples=samples)
+                              samples=samples[worker])
         else:  # this worker finished before the run stopped
             p2 = load_result(start.end, module, Phase2Result)
             # Its earlier samples from disk, then its last epoch's sample once more: the end weights just loaded.
             last_epoch = recipe.phase2.epochs - 1
-            samples.restore(last_epoch, module, accelerator.device)
-            samples.take(module, last_epoch, ckpt, p2.steps)
+            samples[worker].restore(last_epoch, module, accelerator.device)
+            samples[worker].take(module, last_epoch, ckpt, p2.steps)
         with run.counter.phase("evaluation"):
             test_acc = p2.history[-1].get("test_acc")  # evaluated at the last logging point, if it was due
             if test_acc is None:
@@ -129,11 +135,33 @@ def run_workers(run: WorkerRun, starts: dict, *, phase1: dict, phase1_params: st
             ckpt.save_end(module, f"p2-w{worker}-end", "phase2-end", p2.steps,
                           {"worker": worker, "seed": recipe.seed, "members": seat.members, "test_acc": test_acc,
                            "result": dataclasses.asdict(p2), "phase1": phase1, "phase1_params": phase1_params,
-                           "samples": [p.name for p in samples.dirs]})
-        outcome.local_sum = samples.sum if outcome.local_sum is None else outcome.local_sum.add_(samples.sum)
+                           "samples": [p.name for p in samples[worker].dirs]})
+        total = samples[worker].sum
+        outcome.local_sum = total if outcome.local_sum is None else outcome.local_sum.add_(total)
     if outcome.local_sum is None:
         outcome.local_sum = torch.zeros_like(flat_state(module))
     return outcome
+
+
+def _train_stacked(run: WorkerRun, starts: dict, samples: dict, origin: dict | None) -> dict:
+    """This process's unfinished workers trained at once (phase2.stack_workers), when they stand at one step: the
+    normal case, since they checkpoint together. A kill between two of their checkpoints' commits leaves them one
+    checkpoint apart; they then finish in turn (each from its own checkpoint, no work lost), as they would
+    without stacking. Returns {worker: (result, final state)}."""
+    unfinished = [w for w in run.layout.workers_of(run.accelerator.process_index) if starts[w].end is None]
+    steps = {starts[w].step.name if starts[w].step else None for w in unfinished}
+    steps = {name.rsplit("step", 1)[1] if name else None for name in steps}
+    if len(unfinished) < 2 or len(steps) != 1:
+        if len(unfinished) > 1:
+            print(f"note: workers {unfinished} resume from different steps; they finish in turn", file=sys.stderr,
+                  flush=True)
+        return {}
+    origin = origin or {k: v.detach().clone() for k, v in run.module.state_dict().items()}
+    trained = train_stacked(run.module, run.train_data, run.recipe.phase2, run.recipe.optimizer, run.accelerator,
+                            seed=run.recipe.seed, workers=unfinished, log=run.log, ckpt=run.ckpt,
+                            resumes=[starts[w].step for w in unfinished], samples=[samples[w] for w in unfinished],
+                            origin=origin)
+    return dict(zip(unfinished, trained, strict=True))
 
 
 def gathered_rows(records: list[WorkerRecord], accelerator) -> tuple[list[dict], dict[int, list[dict]]]:
