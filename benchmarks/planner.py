@@ -108,15 +108,22 @@ def per_process_images(recipe: Recipe, train_samples: int, processes: int, phase
     return out
 
 
+def calibration_batch(batch_size: int, device: str) -> int:
+    """The batch `calibrate` times for a run at `batch_size`: on a CPU the rate per image barely depends on the
+    batch, so a small one stands in for every batch (one calibration serves them all) and keeps it to seconds, even
+    for a bf16 recipe, which a CPU runs slowly."""
+    return min(batch_size, 8) if device == "cpu" else batch_size
+
+
 def calibrate(recipe: Recipe, batch_size: int, device: str, *, in_chans: int, num_classes: int,
               image_size: tuple[int, int], steps: int = 10) -> float:
-    """Images/s of one process's optimizer steps of the recipe's model at `batch_size` on `device` (random data;
-    the recipe's bf16 autocast and memory format). On a CPU the rate barely depends on the batch, so a small one
-    stands in for it and keeps the calibration to seconds."""
+    """Images/s of one process's optimizer steps of the recipe's model at `calibration_batch(batch_size, device)` on
+    `device` (random data; the recipe's bf16 autocast and memory format)."""
     from swap_accel.models import build_model
 
+    batch_size = calibration_batch(batch_size, device)
     if device == "cpu":
-        batch_size, steps = min(batch_size, 32), min(steps, 2)
+        steps = min(steps, 2)
     torch.manual_seed(0)
     model = build_model(recipe.model.name, in_chans=in_chans, num_classes=num_classes, kwargs=recipe.model.kwargs,
                         image_size=image_size).to(device)

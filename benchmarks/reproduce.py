@@ -253,10 +253,11 @@ def run_planned(regime: Regime, table_rows: tuple[Row, ...], seeds: int, extra: 
         images = planner.per_process_images(recipe, data.num_samples, processes,
                                             statistics.fmean(tau_epochs) if tau_epochs else None,
                                             trains_phase1=row.phase1_from is None)
-        for b in images.keys() - rates.keys():
+        timed = {b: planner.calibration_batch(b, args.device) for b in images}
+        for b in set(timed.values()) - rates.keys():
             rates[b] = planner.calibrate(recipe, b, args.device, in_chans=data.in_chans,
                                          num_classes=data.num_classes, image_size=data.image_size)
-        return planner.MARGIN * sum(n / rates[b] for b, n in images.items()), "calibration"
+        return planner.MARGIN * sum(n / rates[timed[b]] for b, n in images.items()), "calibration"
 
     def has_local_phase1(row: Row, seed: int) -> bool:
         source = runs_dir / f"{prefix}{row.phase1_from}-s{seed}"

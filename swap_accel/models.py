@@ -95,6 +95,24 @@ def check_model_name(name: str) -> None:
     raise ModelError(f"unknown model '{name}'; {hint}")
 
 
+def check_compile_backend(compile_: bool | str) -> None:
+    """model.compile names a torch.compile backend torch knows, or is true/false; fail before any process group."""
+    if not isinstance(compile_, str):
+        return
+    from torch._dynamo import list_backends
+
+    if compile_ not in list_backends(exclude_tags=()):
+        raise ModelError(f"model.compile={compile_!r} is not a torch.compile backend; use true (torch's default, "
+                         f"inductor) or one of {', '.join(list_backends())}, aot_eager (torch._dynamo.list_backends)")
+
+
+def compile_in_place(module: nn.Module, compile_: bool | str) -> None:
+    """nn.Module.compile, in place, so state_dict keys and checkpoints stay those of the plain model: DDP, phase 2,
+    BN recalibration and evaluation all run the compiled forward. A string picks the backend (true: inductor)."""
+    if compile_:
+        module.compile(**({"backend": compile_} if isinstance(compile_, str) else {}))
+
+
 def build_model(name: str, *, in_chans: int, num_classes: int, kwargs: dict | None = None,
                 image_size: tuple[int, int] | None = None) -> nn.Module:
     """`image_size` (the data's H, W): a model whose timm config fixes its input size (ViT-style `img_size`) is built

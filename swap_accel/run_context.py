@@ -29,7 +29,7 @@ from .checkpointing.rundir import discard_outputs
 from .checkpointing.saver import Checkpointer
 from .data.loading import load_data
 from .data.sources import DataSource
-from .models import build_model
+from .models import build_model, compile_in_place
 from .monitoring import tracking
 from .monitoring.monitor import Monitor
 from .monitoring.progress import Progress
@@ -119,8 +119,7 @@ class RunContext:
                              kwargs=recipe.model.kwargs, image_size=train_data.image_size)
         if recipe.model.channels_last:
             module = module.to(memory_format=torch.channels_last)
-        if recipe.model.compile:
-            module.compile()  # nn.Module.compile: DDP, phase 2, BN recalibration and evaluation all use it
+        compile_in_place(module, recipe.model.compile)
         model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, recipe.phase1.first_lr,
                                                                 fp16=recipe.mixed_precision == "fp16"))
         # Phase 1's comm hook also measures the gradient noise scale. Not with fp16: its gradients carry

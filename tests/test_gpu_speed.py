@@ -1,5 +1,6 @@
-"""benchmarks/gpu_speed.py's plumbing on CPU: `--dry-run` times the tuned loop and swap_accel's phase-1 and phase-2
-loops, interleaved, for both models, and counts each step's FLOPs; the GPU numbers need a GPU."""
+"""The GPU speed benchmarks' plumbing on CPU: `benchmarks/gpu_speed.py --dry-run` times the tuned loop and
+swap_accel's phase-1 and phase-2 loops, interleaved, for both models, and counts each step's FLOPs;
+`benchmarks/stacked_workers.py --dry-run` times one worker against stacked workers. The GPU numbers need a GPU."""
 
 from __future__ import annotations
 
@@ -29,3 +30,22 @@ def test_gpu_speed_dry_run_times_both_loops_for_both_models(tmp_path):
             assert p["peak_share_tuned"] is None  # no bf16 peak for a CPU
     # ResNet-50 at 64 px costs more FLOPs per image than the width-8 ResNet-9 at 32 px, as counted.
     assert report["records"][1]["phase1"]["flops_per_image"] > report["records"][0]["phase1"]["flops_per_image"] > 0
+
+
+def test_stacked_workers_dry_run_times_one_worker_and_stacked_workers_interleaved(tmp_path):
+    """benchmarks/stacked_workers.py on CPU: one worker's epoch and K stacked workers' epoch through swap_accel's own
+    phase-2 loops, alternated, for the quickstart and CIFAR-shape models; the GPU ratio (target <= 3 for 8 workers)
+    needs a GPU."""
+    out = tmp_path / "stacked.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.stacked_workers", "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["records"]] == ["quickstart", "cifar"] and report["rounds"] == 2
+    for r in report["records"]:
+        assert r["workers"] == 2 and r["one_worker_spread"][0] <= r["one_worker_seconds"] <= r["one_worker_spread"][1]
+        assert r["stacked_over_one"] == pytest.approx(r["stacked_seconds"] / r["one_worker_seconds"])
+        # K workers' images in the stacked epoch, one worker's in the other: the rates follow from the same clocks.
+        images = r["steps_per_epoch"] * r["per_worker_batch_size"]
+        assert r["stacked_images_per_s"] == pytest.approx(2 * images / r["stacked_seconds"], rel=0.2)
+    assert "| stacked / one" in report["table"]

@@ -9,7 +9,7 @@ import torch
 import swap_accel  # noqa: F401  (registers resnet9)
 from swap_accel.algorithm.schedules import lr_at_epoch, make_schedule
 from swap_accel.data.sampling import PHASE1, bn_order, bn_shard, derive_seed, phase1_shard, worker_order
-from swap_accel.models import ModelError, build_model, check_model_name
+from swap_accel.models import ModelError, build_model, check_compile_backend, check_model_name, compile_in_place
 from swap_accel.recipe import LRConfig, RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -157,6 +157,16 @@ def test_any_timm_model_and_unknown_names():
         check_model_name("resnet81")
     with pytest.raises(ModelError, match="base_widht"):
         build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_widht": 8})
+
+
+def test_compile_backend_is_checked_by_name_and_compiles_in_place():
+    check_compile_backend(True), check_compile_backend(False), check_compile_backend("aot_eager")
+    with pytest.raises(ModelError, match="'inductr' is not a torch.compile backend.*inductor"):
+        check_compile_backend("inductr")
+    net = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 4})
+    keys = set(net.state_dict())
+    compile_in_place(net, "eager")
+    assert net._compiled_call_impl is not None and set(net.state_dict()) == keys
 
 
 # --- sample orders ----------------------------------------------------------------------------

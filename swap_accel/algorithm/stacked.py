@@ -15,6 +15,7 @@ the same worker would draw trained alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -55,13 +56,16 @@ class StackedWorkers:
         logits = functional_call(self._template, (params, buffers), (x,))
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float, autocast=contextlib.nullcontext
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step of every worker: `images` [K, B, C, H, W] and `labels` [K, B], worker k's batch at k.
+        `autocast`: the forward's precision context (the accelerator's, as a worker trained alone gets it).
         Returns each worker's loss [K] and logits [K, B, classes], detached."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         try:
-            losses, logits = vmap(self._loss, randomness="error")(self.params, self.buffers, images, labels)
+            with autocast():
+                losses, logits = vmap(self._loss, randomness="error")(self.params, self.buffers, images, labels)
         except RuntimeError as e:
             if "randomness" not in str(e):
                 raise
@@ -169,7 +173,7 @@ def train_stacked(module: torch.nn.Module, source: DataSource, cfg: Phase2Config
                                total=steps_per_epoch):
             images, labels = torch.stack([x for x, _ in batch]), torch.stack([y for _, y in batch])
             lr = schedule.lr(results[0].steps, epoch, results[0].steps - first_step)
-            losses, logits = stacked.step(images, labels, lr)
+            losses, logits = stacked.step(images, labels, lr, accelerator.autocast)
             due = [loop.step_done() for loop in loops][0]  # one step count, one cadence for all
             for k, loop in enumerate(loops):
                 loop.totals.add(losses[k], logits[k], labels[k])

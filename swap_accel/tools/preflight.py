@@ -29,7 +29,7 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
 
     from ..checkpointing.rundir import check_run_dir
     from ..data.loading import load_data, prepare_data
-    from ..models import check_model_input, check_model_name
+    from ..models import check_compile_backend, check_model_input, check_model_name
     from ..monitoring.tracking import check_backend
     from ..recipe import RecipeError, load_recipe
 
@@ -42,6 +42,7 @@ def preflight(recipe_path: Path, overrides: list[str], num_processes: int, out: 
         raise RecipeError("tracking.entity is missing for W&B online mode; set tracking.entity (your W&B user or "
                           "team) or WANDB_ENTITY, or use tracking.mode: offline")
     check_model_name(recipe.model.name)
+    check_compile_backend(recipe.model.compile)
     run_dir = run_dir_for(recipe, out)
     check_run_dir(recipe, run_dir, num_processes, overwrite)
     prepare_data(recipe.data, resized=recipe.resized_sides)
