@@ -2,7 +2,9 @@
 
 A restructuring of the training code must leave every one of these bitwise the same on the same machine: run it
 before (`--write`, which commits benchmarks/results/pinned.json) and after (`--check`, exit 1 on any difference).
-The hashes hold for one machine and torch build; on another, write them first.
+The hashes hold for one machine and torch build; on another, write them first, from the reference commit (a git
+worktree of it), then check the new code against them. The file records the CPU (its kernel dispatch level and flags):
+one platform string can hide another CPU whose kernels round differently, and `--check` says so when they differ.
 
     .venv/bin/python -m benchmarks.pinned --write     # about 10 min on 2 cores (the quickstart is 7)
     .venv/bin/python -m benchmarks.pinned --check
@@ -12,10 +14,13 @@ The hashes hold for one machine and torch build; on another, write them first.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 from benchmarks.common import RESULTS, save
 from tests.launching import FASHION, launch, tiny_recipe
@@ -52,6 +57,19 @@ def measure(skip_quickstart: bool) -> dict[str, str]:
     return hashes
 
 
+def cpu_identity() -> dict[str, str]:
+    """What decides the CPU kernels a run takes, hence its rounding: torch's dispatch level, the model name and a
+    digest of the feature flags (two machines with one platform string gave different hashes from the same code)."""
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+
+    def field(key: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in info if line.split(":", 1)[0].strip() == key), "")
+
+    flags = " ".join(sorted(field("flags").split()))
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "model": field("model name"),
+            "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     what = parser.add_mutually_exclusive_group(required=True)
@@ -63,9 +81,13 @@ def main() -> None:
         raise SystemExit(f"Fashion-MNIST is not installed at {FASHION}: run bash .ci/setup")
     hashes = measure(args.skip_quickstart and args.check)
     if args.write:
-        print(f"wrote {save('pinned', {'model_sha256': hashes})}")
+        print(f"wrote {save('pinned', {'cpu': cpu_identity(), 'model_sha256': hashes})}")
         return
-    pinned = json.loads((RESULTS / "pinned.json").read_text())["model_sha256"]
+    record = json.loads((RESULTS / "pinned.json").read_text())
+    pinned = record["model_sha256"]
+    if record.get("cpu") != cpu_identity():
+        print(f"note: pinned on another CPU ({record.get('cpu', 'not recorded')}; this one {cpu_identity()}), whose "
+              "kernels may round differently: write the hashes here from the reference commit, then check again")
     changed = {name: (pinned.get(name), value) for name, value in hashes.items() if pinned.get(name) != value}
     for name, (before, after) in changed.items():
         print(f"CHANGED {name}: pinned {before}, now {after}")
