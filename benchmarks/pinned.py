@@ -4,7 +4,7 @@ A restructuring of the training code must leave every one of these bitwise the s
 before (`--write`, which commits benchmarks/results/pinned.json) and after (`--check`, exit 1 on any difference).
 The hashes hold for one machine and torch build; on another, write them first, from the reference commit (a git
 worktree of it), then check the new code against them. The file records the CPU (its kernel dispatch level and flags):
-one platform string can hide another CPU whose kernels round differently, and `--check` says so when they differ.
+a new machine can round differently while its platform string barely changes, and `--check` says when they differ.
 
     .venv/bin/python -m benchmarks.pinned --write     # about 10 min on 2 cores (the quickstart is 7)
     .venv/bin/python -m benchmarks.pinned --check
@@ -59,7 +59,7 @@ def measure(skip_quickstart: bool) -> dict[str, str]:
 
 def cpu_identity() -> dict[str, str]:
     """What decides the CPU kernels a run takes, hence its rounding: torch's dispatch level, the model name and a
-    digest of the feature flags (two machines with one platform string gave different hashes from the same code)."""
+    digest of the feature flags (a platform string that differs in a kernel build tag says nothing about them)."""
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
 
     def field(key: str) -> str:
