@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU measurement the docs wait for, in one command on a GPU machine, within 10 minutes by default:
+#   bash benchmarks/on_gpu.sh                  # OUT=DIR collects each step's JSON and on_gpu.log (default benchmarks/results)
+# Each step has its own time cap, so one slow step cannot cost the others. A machine without internet whose image
+# lacks datasets or pydantic gets them as wheels: run benchmarks/gpu_wheels.sh where pip works and copy .whl/ along;
+# this script installs them into /tmp/site first. STEPS picks steps by name (default: speed stacked loader), e.g.
+# STEPS=table1 BUDGET_MINUTES=8 for the full-scale Table 1 rows that fit 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/on_gpu.log") 2>&1
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, timm, accelerate, datasets, pydantic; print('torch', torch.__version__, 'timm', timm.__version__,
+'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'pydantic', pydantic.__version__)" || exit 1
+
+step() {  # step NAME SECONDS COMMAND...: run it under its cap and say how it ended
+  local name=$1 cap=$2; shift 2
+  case " ${STEPS:-speed stacked loader} " in *" $name "*) ;; *) return ;; esac
+  echo "== $name (at most $cap s): $*"
+  local start=$SECONDS
+  timeout "$cap" "$@"; echo "== $name: exit $? after $((SECONDS - start)) s"
+}
+step speed 270 $PY -m benchmarks.gpu_speed --out "$OUT/gpu_speed.json"
+step stacked 150 $PY -m benchmarks.stacked_workers --out "$OUT/stacked_workers.json"
+step loader 120 $PY -m benchmarks.loader --gpu --out "$OUT/loader_gpu.json"
+step table1 $((60 * ${BUDGET_MINUTES:-8} + 60)) $PY -m benchmarks.reproduce --device cuda --budget-minutes "${BUDGET_MINUTES:-8}"
+case " ${STEPS:-} " in *" table1 "*) cp -r benchmarks/results/reproduce_full "$OUT/" ;; esac  # the rows it committed
