@@ -7,6 +7,7 @@ median of each is compared.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -73,6 +74,50 @@ def loop_harness(accelerator, *sets: str):
     recipe = load_recipe(RESULTS.parents[1] / "recipes" / "fashion_mnist.yaml",
                          ["tracking.backend=none", "tracking.eval_every=0", "tracking.averaged_curve=off", *sets])
     return recipe, Checkpointer(Path(tempfile.mkdtemp()), recipe, accelerator)
+
+
+def loop_monitor(accelerator, recipe, ckpt, module, source, *, phase: int, counter=None):
+    """The Monitor swap_accel's phase loops log to when a benchmark times them: progress and logging points on
+    `source`, no evaluation, no tracker. Phase 2's knows the recipe's worker layout and the run directory, as a
+    worker's does."""
+    from swap_accel.monitoring.monitor import Monitor
+    from swap_accel.monitoring.progress import Progress
+    from swap_accel.parallel.counting import CollectiveCounter
+
+    worker = {"layout": recipe.worker_layout(accelerator.num_processes), "run_dir": ckpt.root.parent} \
+        if phase == 2 else {}
+    return Monitor(accelerator=accelerator, recipe=recipe, counter=counter or CollectiveCounter(), module=module,
+                   train_data=source, test_data=source, test_loader=None, progress=Progress(accelerator), **worker)
+
+
+def gpu_parser(doc: str, *, dry_run_help: str) -> argparse.ArgumentParser:
+    """The arguments the GPU benchmarks share: --rounds (alternating blocks, at least 5), --dry-run, --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="Alternating blocks per side (default 5, at least 5).")
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument("--out", type=Path, help="Write the JSON here instead of benchmarks/results/.")
+    return parser
+
+
+def gpu_args(parser: argparse.ArgumentParser, module: str) -> argparse.Namespace:
+    """Parsed arguments, refused in one line where a GPU run cannot be measured as the docs say."""
+    args = parser.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit(f"{module} measures a GPU; on a CPU run `python -m benchmarks.{module} --dry-run`")
+    if not args.dry_run and args.rounds < 5:
+        raise SystemExit("--rounds: at least 5 alternating rounds, so that one noisy block cannot decide a ratio")
+    return args
+
+
+def write_gpu_result(name: str, args: argparse.Namespace, payload: dict) -> None:
+    """The run's JSON, with the device and date: to --out if given, else benchmarks/results/<name>_<gpu>.json for a
+    GPU run (a dry run without --out writes nothing)."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu (dry run)"
+    payload = {"device": device, **payload, "date": time.strftime("%Y-%m-%d")}
+    if args.out:
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    elif not args.dry_run:
+        print(f"wrote {save(name + '_' + device.split()[-1].lower(), payload)}")
 
 
 def save(name: str, payload: dict) -> Path:

@@ -16,25 +16,18 @@ dense bf16 peak the step reaches (FLOPs of one forward and backward from `torch.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import alternate_samples, loop_harness, save
+from benchmarks.common import alternate_samples, gpu_args, gpu_parser, loop_harness, loop_monitor, write_gpu_result
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
 from swap_accel.checkpointing.snapshots import CycleSamples
 from swap_accel.data.sources import InMemorySource
-from swap_accel.models import build_model
-from swap_accel.monitoring.monitor import Monitor
-from swap_accel.monitoring.progress import Progress
-from swap_accel.parallel.counting import CollectiveCounter
+from swap_accel.models import build_model, compile_in_place
 from swap_accel.parallel.distributed import make_accelerator
 from swap_accel.recipe import AugmentConfig, LRConfig, OptimizerConfig, Phase1Config, Phase2Config
 
@@ -113,15 +106,12 @@ def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phas
     torch.manual_seed(0)
     module = build_model(spec["name"], in_chans=spec["shape"][0], num_classes=spec["classes"],
                          kwargs=spec["kwargs"]).to(memory_format=torch.channels_last)
-    if compiled:
-        module.compile()
+    compile_in_place(module, compiled)
     recipe, ckpt = loop_harness(accelerator, "phase2.workers=1")
-    counter = CollectiveCounter()
     opt_cfg = OptimizerConfig()
     if phase == 1:
         model, optimizer = accelerator.prepare(module, make_sgd(module, opt_cfg, 0.01))
-        log = Monitor(accelerator=accelerator, recipe=recipe, counter=counter, module=module, train_data=source,
-                      test_data=source, test_loader=None, progress=Progress(accelerator))
+        log = loop_monitor(accelerator, recipe, ckpt, module, source, phase=1)
         cfg = Phase1Config(global_batch_size=batch, max_epochs=1, lr=LRConfig(peak=0.01))
 
         def run(steps: int) -> None:
@@ -129,9 +119,7 @@ def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phas
     else:
         module = module.to(accelerator.device)
         # One worker on this one process, as a phase-2 worker's monitor sees it.
-        log = Monitor(accelerator=accelerator, recipe=recipe, counter=counter, module=module, train_data=source,
-                      test_data=source, test_loader=None, progress=Progress(accelerator),
-                      layout=recipe.worker_layout(accelerator.num_processes), run_dir=ckpt.root.parent)
+        log = loop_monitor(accelerator, recipe, ckpt, module, source, phase=2)
         cfg = Phase2Config(per_worker_batch_size=batch, epochs=1, lr=LRConfig(peak=0.01))
 
         def run(steps: int) -> None:
@@ -191,30 +179,17 @@ def table(records: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = gpu_parser(__doc__, dry_run_help="CPU, tiny sizes, fp32: the plumbing only.")
     parser.add_argument("--steps", type=int, default=30, help="Optimizer steps per block (default 30).")
-    parser.add_argument("--rounds", type=int, default=5, help="Alternating blocks per side (default 5, at least 5).")
     parser.add_argument("--models", default="resnet9,resnet50")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, fp32: the plumbing only.")
-    parser.add_argument("--out", type=Path, help="Write the JSON here instead of benchmarks/results/.")
-    args = parser.parse_args()
-    if not args.dry_run and not torch.cuda.is_available():
-        raise SystemExit("gpu_speed needs a CUDA device; on a CPU run `python -m benchmarks.gpu_speed --dry-run`")
-    if not args.dry_run and args.rounds < 5:
-        raise SystemExit("--rounds: at least 5 alternating rounds, so that one noisy block cannot decide a ratio")
+    args = gpu_args(parser, "gpu_speed")
     steps, rounds = (2, 2) if args.dry_run else (args.steps, args.rounds)
     accelerator = make_accelerator("no" if args.dry_run else "bf16")
     records = [measure(key, accelerator, dry_run=args.dry_run, steps=steps, rounds=rounds)
                for key in args.models.split(",")]
     rendered = table(records)
     print(rendered)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu (dry run)"
-    payload = {"device": device, "steps": steps, "rounds": rounds, "records": records, "table": rendered,
-               "date": time.strftime("%Y-%m-%d")}
-    if args.out:
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    elif not args.dry_run:
-        print(f"wrote {save('gpu_speed_' + device.split()[-1].lower(), payload)}")
+    write_gpu_result("gpu_speed", args, {"steps": steps, "rounds": rounds, "records": records, "table": rendered})
     accelerator.end_training()
 
 

@@ -15,15 +15,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import alternate, fashion, loop_harness, save
+from benchmarks.common import alternate, fashion, loop_harness, loop_monitor, save
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
 from swap_accel.checkpointing.snapshots import CycleSamples
 from swap_accel.data.augment import augment_batch, cutout_
 from swap_accel.data.sampling import phase1_shard
 from swap_accel.models import build_model
-from swap_accel.monitoring.monitor import Monitor
-from swap_accel.monitoring.progress import Progress
 from swap_accel.parallel.counting import CollectiveCounter
 from swap_accel.parallel.distributed import make_accelerator
 from swap_accel.recipe import LRConfig, OptimizerConfig, Phase1Config, Phase2Config
@@ -63,8 +61,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(rank)
 
     # The loops' real logger (progress + logging points), minus evaluation and trackers.
-    log1 = Monitor(accelerator=accelerator, recipe=recipe, counter=counter, module=accelerator.unwrap_model(ours),
-                   train_data=sub1, test_data=sub1, test_loader=None, progress=Progress(accelerator))
+    log1 = loop_monitor(accelerator, recipe, ckpt, accelerator.unwrap_model(ours), sub1, phase=1, counter=counter)
 
     def swap_phase1():
         train_phase1(ours, ours_opt, sub1, cfg1, opt_cfg, accelerator, seed=0, tau=None, log=log1,
@@ -90,9 +87,7 @@ def main() -> None:
     cfg2 = Phase2Config(per_worker_batch_size=args.worker_batch, epochs=1, lr=LRConfig(peak=0.05))
 
     # One worker per process, as the quickstart runs them: each rank's monitor knows its worker.
-    log2 = Monitor(accelerator=accelerator, recipe=recipe, counter=counter, module=worker_model, train_data=sub2,
-                   test_data=sub2, test_loader=None, progress=Progress(accelerator),
-                   layout=recipe.worker_layout(p), run_dir=ckpt.root.parent)
+    log2 = loop_monitor(accelerator, recipe, ckpt, worker_model, sub2, phase=2, counter=counter)
 
     def swap_phase2():
         # A one-process worker trains its module itself (model is module); one sample, its end.

@@ -83,10 +83,10 @@ def main() -> None:
     if args.write:
         print(f"wrote {save('pinned', {'cpu': cpu_identity(), 'model_sha256': hashes})}")
         return
-    record = json.loads((RESULTS / "pinned.json").read_text())
+    record, cpu = json.loads((RESULTS / "pinned.json").read_text()), cpu_identity()
     pinned = record["model_sha256"]
-    if record.get("cpu") != cpu_identity():
-        print(f"note: pinned on another CPU ({record.get('cpu', 'not recorded')}; this one {cpu_identity()}), whose "
+    if record.get("cpu") != cpu:
+        print(f"note: pinned on another CPU ({record.get('cpu', 'not recorded')}; this one {cpu}), whose "
               "kernels may round differently: write the hashes here from the reference commit, then check again")
     changed = {name: (pinned.get(name), value) for name, value in hashes.items() if pinned.get(name) != value}
     for name, (before, after) in changed.items():

@@ -117,11 +117,10 @@ def calibration_batch(batch_size: int, device: str) -> int:
 
 def calibrate(recipe: Recipe, batch_size: int, device: str, *, in_chans: int, num_classes: int,
               image_size: tuple[int, int], steps: int = 10) -> float:
-    """Images/s of one process's optimizer steps of the recipe's model at `calibration_batch(batch_size, device)` on
-    `device` (random data; the recipe's bf16 autocast and memory format)."""
+    """Images/s of one process's optimizer steps of the recipe's model at `batch_size` on `device` (random data; the
+    recipe's bf16 autocast and memory format). Pass `calibration_batch(b, device)` for a run at batch b."""
     from swap_accel.models import build_model
 
-    batch_size = calibration_batch(batch_size, device)
     if device == "cpu":
         steps = min(steps, 2)
     torch.manual_seed(0)

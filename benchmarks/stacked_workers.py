@@ -16,23 +16,16 @@ workers in turn are K by construction). That the stacked result equals workers i
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import alternate_samples, loop_harness, save
+from benchmarks.common import alternate_samples, gpu_args, gpu_parser, loop_harness, loop_monitor, write_gpu_result
 from swap_accel.algorithm.phase2 import train_phase2
 from swap_accel.algorithm.stacked import train_stacked
 from swap_accel.checkpointing.snapshots import CycleSamples
 from swap_accel.data.sources import InMemorySource
 from swap_accel.models import build_model
-from swap_accel.monitoring.monitor import Monitor
-from swap_accel.monitoring.progress import Progress
-from swap_accel.parallel.counting import CollectiveCounter
 from swap_accel.parallel.distributed import make_accelerator
 from swap_accel.recipe import AugmentConfig, LRConfig, Phase2Config
 
@@ -58,9 +51,7 @@ def epochs(spec: dict, accelerator, workers: int, steps: int):
     module = build_model("resnet9", in_chans=channels, num_classes=10, kwargs=spec["kwargs"]).to(device)
     origin = {k: v.detach().clone() for k, v in module.state_dict().items()}
     recipe, ckpt = loop_harness(accelerator, f"phase2.workers={workers}", "phase2.stack_workers=true")
-    log = Monitor(accelerator=accelerator, recipe=recipe, counter=CollectiveCounter(), module=module,
-                  train_data=source, test_data=source, test_loader=None, progress=Progress(accelerator),
-                  layout=recipe.worker_layout(accelerator.num_processes), run_dir=ckpt.root.parent)
+    log = loop_monitor(accelerator, recipe, ckpt, module, source, phase=2)
     cfg = Phase2Config(per_worker_batch_size=batch, epochs=1, lr=LRConfig(peak=0.05))
     samples = [CycleSamples(cfg.sampling, ckpt.root.parent, k) for k in range(workers)]
 
@@ -107,19 +98,11 @@ def table(records: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = gpu_parser(__doc__, dry_run_help="CPU, tiny sizes, 2 workers: the plumbing only.")
     parser.add_argument("--workers", type=int, default=8, help="Workers stacked (default 8).")
     parser.add_argument("--steps", type=int, default=50, help="Optimizer steps per epoch (default 50).")
-    parser.add_argument("--rounds", type=int, default=5, help="Alternating blocks per side (default 5, at least 5).")
     parser.add_argument("--models", default="quickstart,cifar")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, 2 workers: the plumbing only.")
-    parser.add_argument("--out", type=Path, help="Write the JSON here instead of benchmarks/results/.")
-    args = parser.parse_args()
-    if not args.dry_run and not torch.cuda.is_available():
-        raise SystemExit("stacked_workers measures a GPU; on a CPU run "
-                         "`python -m benchmarks.stacked_workers --dry-run`")
-    if not args.dry_run and args.rounds < 5:
-        raise SystemExit("--rounds: at least 5 alternating rounds, so that one noisy block cannot decide a ratio")
+    args = gpu_args(parser, "stacked_workers")
     if args.workers < 2:
         raise SystemExit("--workers: at least 2 (one worker is the baseline)")
     workers, steps, rounds = (2, 2, 2) if args.dry_run else (args.workers, args.steps, args.rounds)
@@ -129,15 +112,9 @@ def main() -> None:
                for key in args.models.split(",")]
     rendered = table(records)
     print(rendered)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu (dry run)"
-    payload = {"device": device, "rounds": rounds, "bf16": not args.dry_run, "records": records, "table": rendered,
-               "date": time.strftime("%Y-%m-%d")}
-    if args.out:
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    elif not args.dry_run:
-        print(f"wrote {save('stacked_workers_' + device.split()[-1].lower(), payload)}")
+    write_gpu_result("stacked_workers", args, {"rounds": rounds, "bf16": not args.dry_run, "records": records,
+                                               "table": rendered})
     accelerator.end_training()
-
 
 if __name__ == "__main__":
     main()

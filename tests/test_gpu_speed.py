@@ -14,12 +14,17 @@ from launching import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_gpu_speed_dry_run_times_both_loops_for_both_models(tmp_path):
-    out = tmp_path / "gpu_speed.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_speed", "--dry-run", "--out", str(out)],
+def _dry_run(benchmark: str, tmp_path) -> dict:
+    """`python -m benchmarks.<benchmark> --dry-run` in a fresh interpreter; the JSON it wrote."""
+    out = tmp_path / f"{benchmark}.json"
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{benchmark}", "--dry-run", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_gpu_speed_dry_run_times_both_loops_for_both_models(tmp_path):
+    report = _dry_run("gpu_speed", tmp_path)
     assert [r["model"] for r in report["records"]] == ["resnet9", "resnet50"] and report["rounds"] == 2
     for record in report["records"]:
         for phase in ("phase1", "phase2"):
@@ -36,11 +41,7 @@ def test_stacked_workers_dry_run_times_one_worker_and_stacked_workers_interleave
     """benchmarks/stacked_workers.py on CPU: one worker's epoch and K stacked workers' epoch through swap_accel's own
     phase-2 loops, alternated, for the quickstart and CIFAR-shape models; the GPU ratio (target <= 3 for 8 workers)
     needs a GPU."""
-    out = tmp_path / "stacked.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.stacked_workers", "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _dry_run("stacked_workers", tmp_path)
     assert [r["model"] for r in report["records"]] == ["quickstart", "cifar"] and report["rounds"] == 2
     for r in report["records"]:
         assert r["workers"] == 2 and r["one_worker_spread"][0] <= r["one_worker_seconds"] <= r["one_worker_spread"][1]
