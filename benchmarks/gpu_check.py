@@ -226,6 +226,7 @@ def hand_written_step(recipe, steps: int, cuda: bool, repeats: int) -> float:
 
 def cifar_shape_images_per_s(dry_run: bool) -> dict:
     """Phase 1's step (swap_accel's own loop) at the CIFAR-10 recipe's shape on synthetic 3x32x32 batches."""
+    from swap_accel.algorithm.loop import LoopContext
     from swap_accel.algorithm.phase1 import train_phase1
     from swap_accel.algorithm.phase2 import make_sgd
     from swap_accel.checkpointing.saver import Checkpointer
@@ -256,8 +257,9 @@ def cifar_shape_images_per_s(dry_run: bool) -> dict:
 
     cfg = recipe.phase1.model_copy(update={"max_epochs": 2, "stop_train_accuracy": None})
     with tempfile.TemporaryDirectory() as tmp:
-        result = train_phase1(model, optimizer, source, cfg, recipe.optimizer, accelerator, seed=0, tau=None,
-                              log=_Quiet(), ckpt=Checkpointer(Path(tmp), recipe, accelerator))
+        ckpt = Checkpointer(Path(tmp), recipe, accelerator)
+        ctx = LoopContext(accelerator, source, recipe.optimizer, 0, _Quiet(), ckpt)
+        result = train_phase1(ctx, model, optimizer, cfg, tau=None)
     last = result.history[-1]  # the second epoch: after warm-up
     return {"base_width": recipe.model.kwargs["base_width"], "batch": recipe.phase1.global_batch_size,
             "images_per_s": last["images_per_s"]}

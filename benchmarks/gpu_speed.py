@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import alternate_samples, gpu_args, gpu_parser, loop_harness, loop_monitor, write_gpu_result
+from swap_accel.algorithm.loop import LoopContext
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
 from swap_accel.checkpointing.snapshots import CycleSamples
@@ -115,7 +116,7 @@ def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phas
         cfg = Phase1Config(global_batch_size=batch, max_epochs=1, lr=LRConfig(peak=0.01))
 
         def run(steps: int) -> None:
-            train_phase1(model, optimizer, source, cfg, opt_cfg, accelerator, seed=0, tau=None, log=log, ckpt=ckpt)
+            train_phase1(LoopContext(accelerator, source, opt_cfg, 0, log, ckpt), model, optimizer, cfg, tau=None)
     else:
         module = module.to(accelerator.device)
         # One worker on this one process, as a phase-2 worker's monitor sees it.
@@ -123,7 +124,7 @@ def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phas
         cfg = Phase2Config(per_worker_batch_size=batch, epochs=1, lr=LRConfig(peak=0.01))
 
         def run(steps: int) -> None:
-            train_phase2(module, module, source, cfg, opt_cfg, accelerator, seed=0, worker=0, log=log, ckpt=ckpt,
+            train_phase2(LoopContext(accelerator, source, opt_cfg, 0, log, ckpt), module, module, cfg, worker=0,
                          samples=CycleSamples(cfg.sampling, ckpt.root.parent, 0))
     return run
 

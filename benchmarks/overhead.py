@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import alternate, fashion, loop_harness, loop_monitor, save
+from swap_accel.algorithm.loop import LoopContext
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
 from swap_accel.checkpointing.snapshots import CycleSamples
@@ -64,8 +65,7 @@ def main() -> None:
     log1 = loop_monitor(accelerator, recipe, ckpt, accelerator.unwrap_model(ours), sub1, phase=1, counter=counter)
 
     def swap_phase1():
-        train_phase1(ours, ours_opt, sub1, cfg1, opt_cfg, accelerator, seed=0, tau=None, log=log1,
-                     ckpt=ckpt)
+        train_phase1(LoopContext(accelerator, sub1, opt_cfg, 0, log1, ckpt), ours, ours_opt, cfg1, tau=None)
 
     def bare_phase1():
         order = phase1_shard(n1, seed=0, epoch=0, global_batch=args.global_batch, rank=rank, num_processes=p)
@@ -91,8 +91,8 @@ def main() -> None:
 
     def swap_phase2():
         # A one-process worker trains its module itself (model is module); one sample, its end.
-        train_phase2(worker_model, worker_model, sub2, cfg2, opt_cfg, accelerator, seed=0, worker=rank, log=log2,
-                     ckpt=ckpt, samples=CycleSamples(cfg2.sampling, ckpt.root.parent, rank))
+        train_phase2(LoopContext(accelerator, sub2, opt_cfg, 0, log2, ckpt), worker_model, worker_model, cfg2,
+                     worker=rank, samples=CycleSamples(cfg2.sampling, ckpt.root.parent, rank))
 
     def plain_phase2():
         for idx in torch.randperm(n2, generator=gen).split(args.worker_batch):

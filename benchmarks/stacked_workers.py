@@ -21,6 +21,7 @@ import statistics
 import torch
 
 from benchmarks.common import alternate_samples, gpu_args, gpu_parser, loop_harness, loop_monitor, write_gpu_result
+from swap_accel.algorithm.loop import LoopContext
 from swap_accel.algorithm.phase2 import train_phase2
 from swap_accel.algorithm.stacked import train_stacked
 from swap_accel.checkpointing.snapshots import CycleSamples
@@ -54,15 +55,15 @@ def epochs(spec: dict, accelerator, workers: int, steps: int):
     log = loop_monitor(accelerator, recipe, ckpt, module, source, phase=2)
     cfg = Phase2Config(per_worker_batch_size=batch, epochs=1, lr=LRConfig(peak=0.05))
     samples = [CycleSamples(cfg.sampling, ckpt.root.parent, k) for k in range(workers)]
+    ctx = LoopContext(accelerator, source, recipe.optimizer, 0, log, ckpt)
 
     def one() -> None:
         module.load_state_dict(origin)
-        train_phase2(module, module, source, cfg, recipe.optimizer, accelerator, seed=0, worker=0, log=log,
-                     ckpt=ckpt, samples=samples[0])
+        train_phase2(ctx, module, module, cfg, worker=0, samples=samples[0])
 
     def stacked() -> None:
-        train_stacked(module, source, cfg, recipe.optimizer, accelerator, seed=0, workers=list(range(workers)),
-                      log=log, ckpt=ckpt, resumes=[None] * workers, samples=samples, origin=origin)
+        train_stacked(ctx, module, cfg, workers=list(range(workers)), resumes=[None] * workers, samples=samples,
+                      origin=origin)
 
     return one, stacked
 

@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 
 from . import __version__
 from .algorithm.evaluate import evaluate_shared
+from .algorithm.loop import LoopContext
 from .algorithm.noise_scale import GradientNoise
 from .algorithm.phase1 import warn_ghost_batchnorm
 from .algorithm.phase2 import make_sgd
@@ -76,6 +77,12 @@ class RunContext:
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
+
+    @property
+    def loop_context(self) -> LoopContext:
+        """What phase 1's and the workers' loops read of this run."""
+        return LoopContext(self.accelerator, self.train_data, self.recipe.optimizer, self.recipe.seed, self.log,
+                           self.ckpt)
 
     def say(self, message: str) -> None:
         self.accelerator.print(message, flush=True)

@@ -54,8 +54,7 @@ def phase1(run: RunContext) -> Phase1Result:
     recipe, module = run.recipe, run.module
     with run.counter.phase("phase1"):
         if run.start.phase1_end is None:
-            p1 = train_phase1(run.model, run.optimizer, run.train_data, recipe.phase1, recipe.optimizer,
-                              run.accelerator, seed=recipe.seed, log=run.log, ckpt=run.ckpt,
+            p1 = train_phase1(run.loop_context, run.model, run.optimizer, recipe.phase1,
                               resume=run.start.phase1_step, noise=run.noise,
                               # The paper's SGD baselines train their whole epoch budget (Tables 5-6: "100 %");
                               # SWA stops at τ when it has one (Table 4, row 2), else it too trains the budget.

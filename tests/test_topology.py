@@ -258,6 +258,7 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
     import torch.nn.functional as F
     from swap_accel.data.sources import InMemorySource
     from swap_accel.parallel.distributed import data_parallel, make_accelerator
+    from swap_accel.algorithm.loop import LoopContext
     from swap_accel.algorithm.phase2 import make_sgd, train_phase2
     from swap_accel.recipe import AugmentConfig, LRConfig, OptimizerConfig, Phase2Config
     from swap_accel.data.sampling import worker_order
@@ -296,8 +297,8 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
     cfg = Phase2Config(per_worker_batch_size=100, epochs=1, lr=LRConfig(peak=2.0))
     opt = OptimizerConfig(momentum=0.0, weight_decay=0.0)
     module = fresh()
-    train_phase2(data_parallel(module, group, acc.device), module, source, cfg, opt, acc, seed=0, worker=0,
-                 log=NoLogging(), ckpt=NoCheckpoints(), seat=Seat(group, rank, 2),
+    ctx = LoopContext(acc, source, opt, 0, NoLogging(), NoCheckpoints())
+    train_phase2(ctx, data_parallel(module, group, acc.device), module, cfg, worker=0, seat=Seat(group, rank, 2),
                  samples=CycleSamples(cfg.sampling, out, 0, leader=rank == 0))
 
     def by_hand(split_tail):

@@ -19,9 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from ..checkpointing.resume import restore_loop
 from ..checkpointing.saver import Checkpointer
+from ..data.sources import DataSource
+from ..recipe import OptimizerConfig
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """What every training loop of a run reads besides its own phase's settings: the device and process group
+    (`accelerator`), the training data, the optimizer settings, the run's seed, the monitor and the checkpointer.
+    Phase 1, a worker and stacked workers take one, so their signatures keep only what is theirs."""
+
+    accelerator: Accelerator
+    source: DataSource
+    optimizer: OptimizerConfig
+    seed: int
+    log: object  # monitoring.Monitor, or any callable with its steps() (the benchmarks' quiet monitors)
+    ckpt: Checkpointer
 
 
 @dataclass
@@ -83,10 +100,11 @@ class EpochLoop:
 
     `resume` is a checkpoint directory of this loop (its `state_file` is this process's loop state) or None."""
 
-    def __init__(self, result: LoopResult, *, epochs: int, ckpt: Checkpointer, log, totals_size: int, device,
+    def __init__(self, result: LoopResult, ctx: LoopContext, *, epochs: int, totals_size: int,
                  generator: torch.Generator, resume: Path | None, state_file: str, what: str, lr_key: str):
-        self.result, self.epochs_total, self.ckpt, self.monitor = result, epochs, ckpt, log
-        self.totals_size, self.device, self.what, self.lr_key = totals_size, device, what, lr_key
+        self.result, self.epochs_total, self.ckpt, self.monitor = result, epochs, ctx.ckpt, ctx.log
+        device = self.device = ctx.accelerator.device
+        self.totals_size, self.what, self.lr_key = totals_size, what, lr_key
         self.first_epoch, self._resumed_done, self._resumed_totals = 0, 0, None
         if resume is not None:  # continue exactly where the checkpoint stopped
             self.first_epoch, self._resumed_done, self._resumed_totals = restore_loop(

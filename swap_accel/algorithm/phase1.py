@@ -18,14 +18,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from ..checkpointing.resume import restore_optimizer
-from ..checkpointing.saver import Checkpointer
 from ..data.sampling import AUGMENT, derive_seed, phase1_shard
-from ..data.sources import DataSource
 from ..parallel.distributed import all_reduce_sum, all_true
 from ..parallel.precision import LossScale
-from ..recipe import OptimizerConfig, Phase1Config
+from ..recipe import Phase1Config
 from .bn import bn_layers
-from .loop import EpochLoop, LoopResult, require_finite
+from .loop import EpochLoop, LoopContext, LoopResult, require_finite
 from .noise_scale import SLOTS, GradientNoise
 from .schedules import EpochSchedule
 
@@ -47,20 +45,19 @@ def warn_ghost_batchnorm(recipe, module: torch.nn.Module, num_processes: int, ac
 
 
 def train_phase1(
+    ctx: LoopContext,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    source: DataSource,
     cfg: Phase1Config,
-    opt_cfg: OptimizerConfig,
-    accelerator: Accelerator,
     *,
-    seed: int,
     tau: float | None,
-    log,
-    ckpt: Checkpointer,
     resume: Path | None = None,
     noise: GradientNoise | None = None,
 ) -> Phase1Result:
+    """Train phase 1 on every process: `model` is the data-parallel model, `optimizer` its optimizer; stop at the
+    end of the first epoch whose training accuracy reaches `tau` (None: the whole budget). `resume` is a phase-1
+    checkpoint to continue from; `noise` measures the gradient noise scale for the transition search."""
+    accelerator, source, seed, log, ckpt = ctx.accelerator, ctx.source, ctx.seed, ctx.log, ctx.ckpt
     p, rank = accelerator.num_processes, accelerator.process_index
     # Batch, image size and learning rate per epoch (one stage, or the recipe's stages); the tail that does not fill
     # a global batch is dropped, so an epoch has n // B steps, >= 1 (Recipe.check_data).
@@ -74,9 +71,8 @@ def train_phase1(
     if resume is not None:
         restore_optimizer(resume, accelerator.unwrap_model(model), optimizer, loss_scale)
     # Totals: the epoch's sums, then the gradient-noise sums, which DDP's comm hook fills through a view.
-    loop = EpochLoop(result, epochs=cfg.max_epochs, ckpt=ckpt, log=log, totals_size=6, device=accelerator.device,
-                     generator=augment_gen, resume=resume, state_file=f"rank{rank}.pt", what="phase 1",
-                     lr_key=cfg.lr_key("phase1"))
+    loop = EpochLoop(result, ctx, epochs=cfg.max_epochs, totals_size=6, generator=augment_gen, resume=resume,
+                     state_file=f"rank{rank}.pt", what="phase 1", lr_key=cfg.lr_key("phase1"))
     # Every rank must checkpoint at the same step: by steps (minutes turned into steps by `calibrate`), not clocks.
     loop.begin(by_clock=False)
     model.train()
@@ -107,7 +103,7 @@ def train_phase1(
                 sync = contextlib.nullcontext() if k == accumulation - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
                     logits = model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=opt_cfg.label_smoothing)
+                    loss = F.cross_entropy(logits, y, label_smoothing=ctx.optimizer.label_smoothing)
                     accelerator.backward(loss / accumulation)
                 totals.add(loss, logits, y)
             if noise is not None:

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 
 from ..checkpointing.resume import restore_optimizer
-from ..checkpointing.saver import Checkpointer
 from ..checkpointing.snapshots import CycleSamples
 from ..data.sampling import (
     AUGMENT,
@@ -32,12 +30,11 @@ from ..data.sampling import (
     worker_order,
     worker_shard,
 )
-from ..data.sources import DataSource
 from ..parallel.distributed import all_reduce_sum, all_true, broadcast_buffers_
 from ..parallel.precision import LossScale, new_scaler
 from ..recipe import OptimizerConfig, Phase2Config
 from ..topology import Seat
-from .loop import EpochLoop, LoopResult, require_finite
+from .loop import EpochLoop, LoopContext, LoopResult, require_finite
 from .schedules import EpochSchedule
 
 
@@ -69,24 +66,22 @@ def _member_seed(seed: int, purpose: int, *keys: int, member: int) -> int:
 
 
 def train_phase2(
+    ctx: LoopContext,
     model: torch.nn.Module,
     module: torch.nn.Module,
-    source: DataSource,
     cfg: Phase2Config,
-    opt_cfg: OptimizerConfig,
-    accelerator: Accelerator,
     *,
-    seed: int,
     worker: int,
-    log,
-    ckpt: Checkpointer,
+    samples: CycleSamples,
     resume: Path | None = None,
     seat: Seat = Seat(),
-    samples: CycleSamples,
 ) -> Phase2Result:
     """Train worker `worker` from the weights in `module`. `model` is `module` itself, or its data-parallel
     wrapper on the worker's process group, in which this process has its `seat`. `samples` takes the models at the
-    ends of the sampled LR cycles into its running sum (paper section 5.3)."""
+    ends of the sampled LR cycles into its running sum (paper section 5.3). `resume` is the worker's checkpoint to
+    continue from."""
+    accelerator, source, seed = ctx.accelerator, ctx.source, ctx.seed
+    opt_cfg, log, ckpt = ctx.optimizer, ctx.log, ctx.ckpt
     group, member, members = seat.group, seat.member, seat.members
     # fp16: a scaler per worker, as every optimizer needs its own; None otherwise.
     loss_scale = LossScale(new_scaler(accelerator))
@@ -102,9 +97,8 @@ def train_phase2(
     result = Phase2Result()
     if resume is not None:
         restore_optimizer(resume, module, optimizer, loss_scale)
-    loop = EpochLoop(result, epochs=cfg.epochs, ckpt=ckpt, log=log, totals_size=4, device=accelerator.device,
-                     generator=augment_gen, resume=resume, state_file=f"member{member}.pt",
-                     what=f"worker {worker}: phase 2", lr_key=cfg.lr_key("phase2"))
+    loop = EpochLoop(result, ctx, epochs=cfg.epochs, totals_size=4, generator=augment_gen, resume=resume,
+                     state_file=f"member{member}.pt", what=f"worker {worker}: phase 2", lr_key=cfg.lr_key("phase2"))
     if resume is not None:
         samples.restore(loop.first_epoch, module, accelerator.device)  # the cycles finished before the stop
     # A one-process worker checkpoints by its own clock; a group's members must pick the same step (phase 1's way).

@@ -24,13 +24,11 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from ..checkpointing.resume import restore_optimizer
-from ..checkpointing.saver import Checkpointer
 from ..checkpointing.snapshots import CycleSamples
 from ..data.sampling import AUGMENT, derive_seed, digest, worker_blocks, worker_order, worker_shard
-from ..data.sources import DataSource
 from ..parallel.precision import LossScale
 from ..recipe import OptimizerConfig, Phase2Config
-from .loop import EpochLoop, require_finite
+from .loop import EpochLoop, LoopContext, require_finite
 from .phase2 import Phase2Result, make_sgd
 from .schedules import EpochSchedule
 
@@ -103,9 +101,8 @@ class StackedWorkers:
             state["momentum_buffer"][worker].copy_(buffers[n])
 
 
-def train_stacked(module: torch.nn.Module, source: DataSource, cfg: Phase2Config, opt_cfg: OptimizerConfig,
-                  accelerator, *, seed: int, workers: list[int], log, ckpt: Checkpointer, resumes: list[Path | None],
-                  samples: list[CycleSamples], origin: dict[str, torch.Tensor]
+def train_stacked(ctx: LoopContext, module: torch.nn.Module, cfg: Phase2Config, *, workers: list[int],
+                  resumes: list[Path | None], samples: list[CycleSamples], origin: dict[str, torch.Tensor]
                   ) -> list[tuple[Phase2Result, dict[str, torch.Tensor]]]:
     """Phase 2 of one-process `workers` at once, each as train_phase2 would train it alone: its own order,
     augmentation, BatchNorm statistics, momentum, samples, history rows and checkpoints (p2-w<k>-step*, the same
@@ -113,6 +110,8 @@ def train_stacked(module: torch.nn.Module, source: DataSource, cfg: Phase2Config
     None for all. `module` is the architecture, and holds a worker's weights whenever monitoring or a checkpoint
     reads them. Returns each worker's result and final state. The workers share one clock: each is credited 1/K
     of it."""
+    accelerator, source, seed = ctx.accelerator, ctx.source, ctx.seed
+    opt_cfg, log, ckpt = ctx.optimizer, ctx.log, ctx.ckpt
     device, n = accelerator.device, source.num_samples
     schedule = EpochSchedule(cfg.stages, cfg.lr, epochs=cfg.epochs, batch_size=cfg.per_worker_batch_size,
                              batch_key="per_worker_batch_size",
@@ -128,9 +127,8 @@ def train_stacked(module: torch.nn.Module, source: DataSource, cfg: Phase2Config
             optimizer = make_sgd(module, opt_cfg, cfg.first_lr)
             restore_optimizer(resume, module, optimizer, none)
             momentum = {name: optimizer.state[p].get("momentum_buffer") for name, p in module.named_parameters()}
-        loop = EpochLoop(result, epochs=cfg.epochs, ckpt=ckpt, log=log, totals_size=4, device=device,
-                         generator=generator, resume=resume, state_file="member0.pt",
-                         what=f"worker {worker}: phase 2", lr_key=cfg.lr_key("phase2"))
+        loop = EpochLoop(result, ctx, epochs=cfg.epochs, totals_size=4, generator=generator, resume=resume,
+                         state_file="member0.pt", what=f"worker {worker}: phase 2", lr_key=cfg.lr_key("phase2"))
         if resume is not None:
             taken.restore(loop.first_epoch, module, device)
         results.append(result), generators.append(generator), loops.append(loop), momenta.append(momentum)

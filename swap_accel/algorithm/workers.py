@@ -28,6 +28,7 @@ from ..parallel.distributed import broadcast_object, data_parallel, flat_state, 
 from ..recipe import Recipe
 from ..topology import WorkerLayout
 from .evaluate import evaluate_local, evaluate_recalibrated
+from .loop import LoopContext
 from .phase2 import Phase2Result, train_phase2
 from .stacked import train_stacked
 
@@ -57,8 +58,8 @@ class Phase2Outcome:
 
 class WorkerRun(Protocol):
     """What phase 2 uses of a run (run_context.RunContext has it all): the phase-1 module and the recipe, the
-    workers' layout and this process's worker group, the data, monitoring, checkpoints, the collective counter and
-    the run directory."""
+    workers' layout and this process's worker group, the data, monitoring, checkpoints, the collective counter, the
+    run directory, and what the workers' loops read (`loop_context`)."""
 
     module: torch.nn.Module
     recipe: Recipe
@@ -71,6 +72,7 @@ class WorkerRun(Protocol):
     ckpt: Checkpointer
     counter: CollectiveCounter
     run_dir: Path
+    loop_context: LoopContext
 
 
 def run_workers(run: WorkerRun, starts: dict, *, phase1: dict, phase1_params: str) -> Phase2Outcome:
@@ -108,9 +110,8 @@ def run_workers(run: WorkerRun, starts: dict, *, phase1: dict, phase1_params: st
             p2, state = stacked[worker]
             module.load_state_dict(state)
         elif start.end is None:
-            p2 = train_phase2(model, module, run.train_data, recipe.phase2, recipe.optimizer, accelerator,
-                              seed=recipe.seed, worker=worker, log=log, ckpt=ckpt, resume=start.step, seat=seat,
-                              samples=samples[worker])
+            p2 = train_phase2(run.loop_context, model, module, recipe.phase2, worker=worker, samples=samples[worker],
+                              resume=start.step, seat=seat)
         else:  # this worker finished before the run stopped
             p2 = load_result(start.end, module, Phase2Result)
             # Its earlier samples from disk, then its last epoch's sample once more: the end weights just loaded.
@@ -157,8 +158,7 @@ def _train_stacked(run: WorkerRun, starts: dict, samples: dict, origin: dict | N
                   flush=True)
         return {}
     origin = origin or {k: v.detach().clone() for k, v in run.module.state_dict().items()}
-    trained = train_stacked(run.module, run.train_data, run.recipe.phase2, run.recipe.optimizer, run.accelerator,
-                            seed=run.recipe.seed, workers=unfinished, log=run.log, ckpt=run.ckpt,
+    trained = train_stacked(run.loop_context, run.module, run.recipe.phase2, workers=unfinished,
                             resumes=[starts[w].step for w in unfinished], samples=[samples[w] for w in unfinished],
                             origin=origin)
     return dict(zip(unfinished, trained, strict=True))
