@@ -322,10 +322,13 @@ def _exit_without_teardown() -> None:
     by one: over a second per process once torch and its compiler stack are loaded (measured: 0.6 s for torch
     alone, 1.2-1.6 s for what a run imports), paid by every rank of every launch for memory the OS takes back at
     once. This does the first three steps and ends the process."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # the handlers Python would run now (CPython's, since 2.x)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # CPython's own first steps, in its order: threading's exit hooks (they wake idle pool threads, such as
+    # inductor's compile workers, which a bare join would wait on for ever), the joins, then the exit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    try:
+        for stream in {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__} - {None}:
+            stream.flush()
+    except (OSError, ValueError):  # a closed pipe (`swap_accel models | head`): CPython's status for it
+        os._exit(120)
     os._exit(0)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def _pytest(tmp_path, **env) -> subprocess.CompletedProcess:
     # One quick test that needs no data; the guard runs at session start, before any test.
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                            "tests/test_units.py::test_linear_warmup_then_decay_to_zero"], capture_output=True,
                           text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, "SWAP_ACCEL_TEST_FASHION_MNIST": str(tmp_path), **env})
