@@ -76,18 +76,20 @@ def loop_harness(accelerator, *sets: str):
     return recipe, Checkpointer(Path(tempfile.mkdtemp()), recipe, accelerator)
 
 
-def loop_monitor(accelerator, recipe, ckpt, module, source, *, phase: int, counter=None):
-    """The Monitor swap_accel's phase loops log to when a benchmark times them: progress and logging points on
-    `source`, no evaluation, no tracker. Phase 2's knows the recipe's worker layout and the run directory, as a
-    worker's does."""
+def loop_context(accelerator, recipe, ckpt, module, source, optimizer, *, phase: int, counter=None):
+    """The LoopContext swap_accel's phase loops get when a benchmark times them: seed 0, `optimizer` settings, and a
+    Monitor with progress and logging points on `source`, no evaluation, no tracker. Phase 2's monitor knows the
+    recipe's worker layout and the run directory, as a worker's does."""
+    from swap_accel.algorithm.loop import LoopContext
     from swap_accel.monitoring.monitor import Monitor
     from swap_accel.monitoring.progress import Progress
     from swap_accel.parallel.counting import CollectiveCounter
 
     worker = {"layout": recipe.worker_layout(accelerator.num_processes), "run_dir": ckpt.root.parent} \
         if phase == 2 else {}
-    return Monitor(accelerator=accelerator, recipe=recipe, counter=counter or CollectiveCounter(), module=module,
-                   train_data=source, test_data=source, test_loader=None, progress=Progress(accelerator), **worker)
+    log = Monitor(accelerator=accelerator, recipe=recipe, counter=counter or CollectiveCounter(), module=module,
+                  train_data=source, test_data=source, test_loader=None, progress=Progress(accelerator), **worker)
+    return LoopContext(accelerator, source, optimizer, 0, log, ckpt)
 
 
 def gpu_parser(doc: str, *, dry_run_help: str) -> argparse.ArgumentParser:
@@ -114,19 +116,26 @@ def write_gpu_result(name: str, args: argparse.Namespace, payload: dict) -> None
     GPU run (a dry run without --out writes nothing)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu (dry run)"
     payload = {"device": device, **payload, "date": time.strftime("%Y-%m-%d")}
-    if args.out:
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    if args.out:  # on_gpu.sh's path: the same versions and platform as a committed result
+        write_json(args.out, stamped(name, payload))
     elif not args.dry_run:
         print(f"wrote {save(name + '_' + device.split()[-1].lower(), payload)}")
 
 
-def save(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "swap_accel": swap_accel.__version__, "torch": torch.__version__,
-               "platform": platform.platform(), "threads": torch.get_num_threads(), **payload}
-    path = RESULTS / f"{name}.json"
+def stamped(name: str, payload: dict) -> dict:
+    """`payload` with what it was measured with: the benchmark, swap_accel's and torch's versions, the platform."""
+    return {"benchmark": name, "swap_accel": swap_accel.__version__, "torch": torch.__version__,
+            "platform": platform.platform(), "threads": torch.get_num_threads(), **payload}
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def save(name: str, payload: dict) -> Path:
+    return write_json(RESULTS / f"{name}.json", stamped(name, payload))
 
 
 def marked_file(marker: str) -> Path:

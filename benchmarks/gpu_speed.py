@@ -22,8 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import alternate_samples, gpu_args, gpu_parser, loop_harness, loop_monitor, write_gpu_result
-from swap_accel.algorithm.loop import LoopContext
+from benchmarks.common import alternate_samples, gpu_args, gpu_parser, loop_context, loop_harness, write_gpu_result
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
 from swap_accel.checkpointing.snapshots import CycleSamples
@@ -112,19 +111,19 @@ def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phas
     opt_cfg = OptimizerConfig()
     if phase == 1:
         model, optimizer = accelerator.prepare(module, make_sgd(module, opt_cfg, 0.01))
-        log = loop_monitor(accelerator, recipe, ckpt, module, source, phase=1)
+        ctx = loop_context(accelerator, recipe, ckpt, module, source, opt_cfg, phase=1)
         cfg = Phase1Config(global_batch_size=batch, max_epochs=1, lr=LRConfig(peak=0.01))
 
         def run(steps: int) -> None:
-            train_phase1(LoopContext(accelerator, source, opt_cfg, 0, log, ckpt), model, optimizer, cfg, tau=None)
+            train_phase1(ctx, model, optimizer, cfg, tau=None)
     else:
         module = module.to(accelerator.device)
         # One worker on this one process, as a phase-2 worker's monitor sees it.
-        log = loop_monitor(accelerator, recipe, ckpt, module, source, phase=2)
+        ctx = loop_context(accelerator, recipe, ckpt, module, source, opt_cfg, phase=2)
         cfg = Phase2Config(per_worker_batch_size=batch, epochs=1, lr=LRConfig(peak=0.01))
 
         def run(steps: int) -> None:
-            train_phase2(LoopContext(accelerator, source, opt_cfg, 0, log, ckpt), module, module, cfg, worker=0,
+            train_phase2(ctx, module, module, cfg, worker=0,
                          samples=CycleSamples(cfg.sampling, ckpt.root.parent, 0))
     return run
 

@@ -15,8 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import alternate, fashion, loop_harness, loop_monitor, save
-from swap_accel.algorithm.loop import LoopContext
+from benchmarks.common import alternate, fashion, loop_context, loop_harness, save
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
 from swap_accel.checkpointing.snapshots import CycleSamples
@@ -62,10 +61,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(rank)
 
     # The loops' real logger (progress + logging points), minus evaluation and trackers.
-    log1 = loop_monitor(accelerator, recipe, ckpt, accelerator.unwrap_model(ours), sub1, phase=1, counter=counter)
+    ctx1 = loop_context(accelerator, recipe, ckpt, accelerator.unwrap_model(ours), sub1, opt_cfg, phase=1,
+                        counter=counter)
 
     def swap_phase1():
-        train_phase1(LoopContext(accelerator, sub1, opt_cfg, 0, log1, ckpt), ours, ours_opt, cfg1, tau=None)
+        train_phase1(ctx1, ours, ours_opt, cfg1, tau=None)
 
     def bare_phase1():
         order = phase1_shard(n1, seed=0, epoch=0, global_batch=args.global_batch, rank=rank, num_processes=p)
@@ -87,11 +87,11 @@ def main() -> None:
     cfg2 = Phase2Config(per_worker_batch_size=args.worker_batch, epochs=1, lr=LRConfig(peak=0.05))
 
     # One worker per process, as the quickstart runs them: each rank's monitor knows its worker.
-    log2 = loop_monitor(accelerator, recipe, ckpt, worker_model, sub2, phase=2, counter=counter)
+    ctx2 = loop_context(accelerator, recipe, ckpt, worker_model, sub2, opt_cfg, phase=2, counter=counter)
 
     def swap_phase2():
         # A one-process worker trains its module itself (model is module); one sample, its end.
-        train_phase2(LoopContext(accelerator, sub2, opt_cfg, 0, log2, ckpt), worker_model, worker_model, cfg2,
+        train_phase2(ctx2, worker_model, worker_model, cfg2,
                      worker=rank, samples=CycleSamples(cfg2.sampling, ckpt.root.parent, rank))
 
     def plain_phase2():
@@ -106,7 +106,7 @@ def main() -> None:
     t_ours2, t_plain2 = alternate(swap_phase2, plain_phase2, args.rounds)
     # The epoch-end logging point gathers the workers' numbers, so a worker waits there for the
     # slowest one; that wait is not per-step cost. Reported apart: total over the rounds / rounds.
-    logging_s = log2.seconds["phase2"] / args.rounds
+    logging_s = ctx2.log.seconds["phase2"] / args.rounds
 
     if accelerator.is_main_process:
         rows = {

@@ -20,8 +20,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import alternate_samples, gpu_args, gpu_parser, loop_harness, loop_monitor, write_gpu_result
-from swap_accel.algorithm.loop import LoopContext
+from benchmarks.common import alternate_samples, gpu_args, gpu_parser, loop_context, loop_harness, write_gpu_result
 from swap_accel.algorithm.phase2 import train_phase2
 from swap_accel.algorithm.stacked import train_stacked
 from swap_accel.checkpointing.snapshots import CycleSamples
@@ -52,10 +51,9 @@ def epochs(spec: dict, accelerator, workers: int, steps: int):
     module = build_model("resnet9", in_chans=channels, num_classes=10, kwargs=spec["kwargs"]).to(device)
     origin = {k: v.detach().clone() for k, v in module.state_dict().items()}
     recipe, ckpt = loop_harness(accelerator, f"phase2.workers={workers}", "phase2.stack_workers=true")
-    log = loop_monitor(accelerator, recipe, ckpt, module, source, phase=2)
+    ctx = loop_context(accelerator, recipe, ckpt, module, source, recipe.optimizer, phase=2)
     cfg = Phase2Config(per_worker_batch_size=batch, epochs=1, lr=LRConfig(peak=0.05))
     samples = [CycleSamples(cfg.sampling, ckpt.root.parent, k) for k in range(workers)]
-    ctx = LoopContext(accelerator, source, recipe.optimizer, 0, log, ckpt)
 
     def one() -> None:
         module.load_state_dict(origin)
