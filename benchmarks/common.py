@@ -40,25 +40,30 @@ def median_time(fn, rounds: int) -> float:
     return statistics.median(samples)
 
 
-def alternate_samples(a, b, rounds: int, sync=None) -> tuple[list[float], list[float]]:
-    """Seconds of every call of `a` and of `b`, run alternately (ABAB...) so drift hits both alike; `sync()` (a
-    device's) runs before each clock read, so queued device work is counted where it was launched."""
-    ta, tb = [], []
+def timed(fn, sync=None) -> float:
+    """Seconds of one call of `fn`; `sync()` (a device's) runs before each clock read, so queued device work is
+    counted where it was launched."""
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
+
+
+def alternate_samples(fns, rounds: int, sync=None) -> list[list[float]]:
+    """Seconds of every call of each of `fns`, run in turn (ABC ABC ...) so drift hits all alike."""
+    seconds = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, out in ((a, ta), (b, tb)):
-            if sync:
-                sync()
-            start = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            out.append(time.perf_counter() - start)
-    return ta, tb
+        for fn, out in zip(fns, seconds, strict=True):
+            out.append(timed(fn, sync))
+    return seconds
 
 
 def alternate(a, b, rounds: int) -> tuple[float, float]:
     """Median seconds of `a` and of `b`, run alternately (ABAB...) so drift hits both alike."""
-    ta, tb = alternate_samples(a, b, rounds)
+    ta, tb = alternate_samples((a, b), rounds)
     return statistics.median(ta), statistics.median(tb)
 
 

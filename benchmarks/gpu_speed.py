@@ -4,14 +4,18 @@ On one device, for the CIFAR-shape ResNet-9 (width 64, 3x32x32, 10 classes) and 
 classes), on synthetic uint8 images held on the device:
 - the tuned loop: bf16 autocast, channels-last, `torch.compile`, the fused SGD, augmentation on the device (random
   crop from 4-pixel padding and flips, per sample), nothing else;
-- swap_accel's `train_phase1` (one process, the global batch) and `train_phase2` (one worker, its batch) with the
-  same model settings, through its in-memory source, monitor and checkpointer.
-Blocks alternate (tuned, ours, tuned, ours, ...) for at least 5 rounds, so host noise lands on both sides; the table
-gives median images/s, their spread (min-max), the ratio ours/tuned (target >= 0.97), and the share of the device's
-dense bf16 peak the step reaches (FLOPs of one forward and backward from `torch.utils.flop_counter`).
+- swap_accel's `train_phase1` (one process, the global batch) and `train_phase2` (one worker, its batch), through
+  its in-memory source, monitor and checkpointer, twice: with what a recipe that sets nothing gets on this device
+  (`mixed_precision` and `model.channels_last` are `auto`: bf16 and channels-last on an A100/H100; `model.compile`
+  is off), and with `model.compile: true` on top.
+Blocks alternate (tuned, defaults, compiled, tuned, ...) for at least 5 rounds, so host noise lands on every side;
+the table gives median images/s, their spread (min-max), the ratios to the tuned loop (target >= 0.97), the share of
+the device's dense bf16 peak the step reaches (FLOPs of one forward and backward from `torch.utils.flop_counter`), and
+what compiling costs and buys: the compiled loop's extra first-epoch seconds over the default loop's, and the
+optimizer steps its faster steps take to win them back (`payback_steps`; none when it is not faster).
 
     .venv/bin/python -m benchmarks.gpu_speed                 # on a GPU: writes benchmarks/results/gpu_speed_<gpu>.json
-    .venv/bin/python -m benchmarks.gpu_speed --dry-run       # CPU, tiny, fp32, uncompiled: the plumbing only
+    .venv/bin/python -m benchmarks.gpu_speed --dry-run       # CPU, tiny, fp32, dynamo without a compiler: plumbing
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import alternate_samples, gpu_args, gpu_parser, loop_context, loop_harness, write_gpu_result
+from benchmarks.common import (
+    alternate_samples,
+    gpu_args,
+    gpu_parser,
+    loop_context,
+    loop_harness,
+    timed,
+    write_gpu_result,
+)
 from swap_accel.algorithm.phase1 import train_phase1
 from swap_accel.algorithm.phase2 import make_sgd, train_phase2
 from swap_accel.checkpointing.snapshots import CycleSamples
@@ -30,6 +42,7 @@ from swap_accel.data.sources import InMemorySource
 from swap_accel.models import build_model, compile_in_place
 from swap_accel.parallel.distributed import make_accelerator
 from swap_accel.recipe import AugmentConfig, LRConfig, OptimizerConfig, Phase1Config, Phase2Config
+from swap_accel.recipe.device_defaults import resolve_channels_last, resolve_mixed_precision
 
 # Dense bf16 tensor-core peak, FLOP/s, from the vendors' data sheets (SXM parts; sparsity excluded).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -100,12 +113,14 @@ def tuned_loop(spec: dict, images: torch.Tensor, labels: torch.Tensor, batch: in
     return run, model
 
 
-def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phase: int, *, compiled: bool):
+def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phase: int, *, channels_last: bool,
+               compiled: bool | str):
     """swap_accel's own phase-1 loop (one process holds the global batch) or one worker's phase-2 loop:
     returns `run(steps)`, each call one epoch of `steps` optimizer steps."""
     torch.manual_seed(0)
-    module = build_model(spec["name"], in_chans=spec["shape"][0], num_classes=spec["classes"],
-                         kwargs=spec["kwargs"]).to(memory_format=torch.channels_last)
+    module = build_model(spec["name"], in_chans=spec["shape"][0], num_classes=spec["classes"], kwargs=spec["kwargs"])
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
     compile_in_place(module, compiled)
     recipe, ckpt = loop_harness(accelerator, "phase2.workers=1")
     opt_cfg = OptimizerConfig()
@@ -128,10 +143,20 @@ def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phas
     return run
 
 
+def rates(images: int, seconds: list[float]) -> dict:
+    """Images/s at the median epoch (the one the ratios use) and the spread over every round."""
+    per_round = [images / t for t in seconds]
+    return {"images_per_s": images / statistics.median(seconds), "spread": [min(per_round), max(per_round)]}
+
+
 def measure(key: str, accelerator, *, dry_run: bool, steps: int, rounds: int) -> dict:
     spec = {**MODELS[key], **(DRY[key] if dry_run else {})}
     device = accelerator.device
-    bf16, compiled = device.type == "cuda", device.type == "cuda"
+    on_gpu = device.type == "cuda"
+    # The dry run compiles with dynamo's `eager` backend: the same capture and guards, no code generation.
+    bf16, compiled = on_gpu, True if on_gpu else "eager"
+    channels_last = resolve_channels_last("auto")
+    sync = torch.cuda.synchronize if on_gpu else None
     rows = {}
     for phase, batch in ((1, spec["phase1_batch"]), (2, spec["worker_batch"])):
         n = steps * batch  # one epoch of `steps` steps for swap_accel's loops
@@ -141,40 +166,48 @@ def measure(key: str, accelerator, *, dry_run: bool, steps: int, rounds: int) ->
         source = InMemorySource(images, labels, mean=[0.5] * spec["shape"][0], std=[0.25] * spec["shape"][0],
                                 class_names=[str(c) for c in range(spec["classes"])],
                                 augment=AugmentConfig(crop_padding=4, flip=True, cutout_size=0), device=device)
-        tuned, plain_model = tuned_loop(spec, source.images, source.labels, batch, bf16=bf16, compiled=compiled)
-        ours = swap_steps(spec, source, accelerator, batch, phase, compiled=compiled)
-        sync = torch.cuda.synchronize if device.type == "cuda" else None
-        tuned(2), ours(steps)  # warm-up: compilation, kernel selection, allocator
-        t_tuned, t_ours = alternate_samples(partial(tuned, steps), partial(ours, steps), rounds, sync)
+        tuned, plain_model = tuned_loop(spec, source.images, source.labels, batch, bf16=bf16, compiled=on_gpu)
+        loops = {"tuned": partial(tuned, steps)}
+        for name, compile_ in (("defaults", False), ("compiled", compiled)):
+            loops[name] = partial(swap_steps(spec, source, accelerator, batch, phase, channels_last=channels_last,
+                                             compiled=compile_), steps)
+        # Warm-up, timed: the first epoch compiles (and selects kernels, fills the allocator) before the rounds.
+        first = {name: timed(run, sync) for name, run in loops.items()}
+        seconds = dict(zip(loops, alternate_samples(list(loops.values()), rounds, sync), strict=True))
+        median = {name: statistics.median(t) for name, t in seconds.items()}
+        # Compiling's own cost: the compiled loop's first epoch beyond its median, less the same for the uncompiled
+        # loop (whose first epoch pays kernel selection and allocation too).
+        compile_s = max(0.0, (first["compiled"] - median["compiled"]) - (first["defaults"] - median["defaults"]))
+        saved_per_step = (median["defaults"] - median["compiled"]) / steps
         x = torch.zeros(min(batch, 8), *spec["shape"], device=device).contiguous(memory_format=torch.channels_last)
         flops = flops_per_image(plain_model, x, torch.zeros(x.shape[0], dtype=torch.int64, device=device))
-        ours_ips = [n / t for t in t_ours]
-        tuned_ips = [steps * batch / t for t in t_tuned]
         peak = peak_flops(device)
-        rows[f"phase{phase}"] = {
-            "batch": batch, "tuned_images_per_s": statistics.median(tuned_ips),
-            "tuned_spread": [min(tuned_ips), max(tuned_ips)], "swap_accel_images_per_s": statistics.median(ours_ips),
-            "swap_accel_spread": [min(ours_ips), max(ours_ips)],
-            "ratio": statistics.median(ours_ips) / statistics.median(tuned_ips),
-            "flops_per_image": flops,
-            "peak_share_tuned": flops * statistics.median(tuned_ips) / peak if peak else None,
-            "peak_share_swap_accel": flops * statistics.median(ours_ips) / peak if peak else None,
-        }
-    return {"model": key, "image_shape": list(spec["shape"]), "bf16": bf16, "compiled": compiled, **rows}
+        row = {"batch": batch, "flops_per_image": flops, "compile_seconds": compile_s,
+               "payback_steps": compile_s / saved_per_step if saved_per_step > 0 else None}
+        for name in loops:
+            row[name] = {**rates(n, seconds[name]), "first_epoch_seconds": first[name],
+                         "ratio": median["tuned"] / median[name],
+                         "peak_share": flops * n / median[name] / peak if peak else None}
+        rows[f"phase{phase}"] = row
+    return {"model": key, "image_shape": list(spec["shape"]), "bf16": bf16, "channels_last": channels_last,
+            "compiled": compiled, **rows}
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| model | loop | batch | tuned (img/s, min-max) | swap_accel (img/s, min-max) | ratio "
-             "| share of bf16 peak (tuned / swap_accel) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | loop | batch | tuned (img/s, min-max) | swap_accel defaults (img/s, ratio) "
+             "| swap_accel compiled (img/s, ratio) | share of bf16 peak (tuned / defaults / compiled) "
+             "| compile s (payback steps) |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         for phase, label in (("phase1", "phase 1"), ("phase2", "phase-2 worker")):
             p = r[phase]
-            share = (f"{100 * p['peak_share_tuned']:.1f} % / {100 * p['peak_share_swap_accel']:.1f} %"
-                     if p["peak_share_tuned"] is not None else "n/a")
-            lines.append(f"| {r['model']} | {label} | {p['batch']} | {p['tuned_images_per_s']:.0f} "
-                         f"({p['tuned_spread'][0]:.0f}-{p['tuned_spread'][1]:.0f}) | "
-                         f"{p['swap_accel_images_per_s']:.0f} ({p['swap_accel_spread'][0]:.0f}-"
-                         f"{p['swap_accel_spread'][1]:.0f}) | {p['ratio']:.3f} | {share} |")
+            t, d, c = p["tuned"], p["defaults"], p["compiled"]
+            share = (" / ".join(f"{100 * q['peak_share']:.1f} %" for q in (t, d, c))
+                     if t["peak_share"] is not None else "n/a")
+            payback = f"{p['payback_steps']:.0f}" if p["payback_steps"] is not None else "never"
+            lines.append(f"| {r['model']} | {label} | {p['batch']} | {t['images_per_s']:.0f} "
+                         f"({t['spread'][0]:.0f}-{t['spread'][1]:.0f}) | {d['images_per_s']:.0f} ({d['ratio']:.3f}) "
+                         f"| {c['images_per_s']:.0f} ({c['ratio']:.3f}) | {share} | {p['compile_seconds']:.1f} "
+                         f"({payback}) |")
     return "\n".join(lines)
 
 
@@ -184,7 +217,8 @@ def main() -> None:
     parser.add_argument("--models", default="resnet9,resnet50")
     args = gpu_args(parser, "gpu_speed")
     steps, rounds = (2, 2) if args.dry_run else (args.steps, args.rounds)
-    accelerator = make_accelerator("no" if args.dry_run else "bf16")
+    # What `mixed_precision: auto` gives this device: bf16 on an A100/H100, fp32 on a CPU (the dry run).
+    accelerator = make_accelerator(resolve_mixed_precision("auto"))
     records = [measure(key, accelerator, dry_run=args.dry_run, steps=steps, rounds=rounds)
                for key in args.models.split(",")]
     rendered = table(records)

@@ -3,7 +3,7 @@
 #   bash benchmarks/on_gpu.sh                  # OUT=DIR collects each step's JSON and on_gpu.log (default benchmarks/results)
 # Each step has its own time cap, so one slow step cannot cost the others. A machine without internet whose image
 # lacks datasets or pydantic gets them as wheels: run benchmarks/gpu_wheels.sh where pip works and copy .whl/ along;
-# this script installs them into /tmp/site first. STEPS picks steps by name (default: speed stacked loader), e.g.
+# this script installs them into /tmp/site first. STEPS picks steps by name (default: defaults speed stacked loader), e.g.
 # STEPS=table1 BUDGET_MINUTES=8 for the full-scale Table 1 rows that fit 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +22,12 @@ $PY -c "import torch, timm, accelerate, datasets, pydantic; print('torch', torch
 
 step() {  # step NAME SECONDS COMMAND...: run it under its cap and say how it ended
   local name=$1 cap=$2; shift 2
-  case " ${STEPS:-speed stacked loader} " in *" $name "*) ;; *) return ;; esac
+  case " ${STEPS:-defaults speed stacked loader} " in *" $name "*) ;; *) return ;; esac
   echo "== $name (at most $cap s): $*"
   local start=$SECONDS
   timeout "$cap" "$@"; echo "== $name: exit $? after $((SECONDS - start)) s"
 }
+step defaults 30 $PY -m benchmarks.gpu_defaults --out "$OUT/gpu_defaults.json"
 step speed 270 $PY -m benchmarks.gpu_speed --out "$OUT/gpu_speed.json"
 step stacked 150 $PY -m benchmarks.stacked_workers --out "$OUT/stacked_workers.json"
 step loader 120 $PY -m benchmarks.loader --gpu --out "$OUT/loader_gpu.json"

@@ -28,6 +28,7 @@ from swap_accel.data.sources import InMemorySource
 from swap_accel.models import build_model
 from swap_accel.parallel.distributed import make_accelerator
 from swap_accel.recipe import AugmentConfig, LRConfig, Phase2Config
+from swap_accel.recipe.device_defaults import resolve_mixed_precision
 
 MODELS = {
     "quickstart": {"kwargs": {"base_width": 16}, "shape": (1, 28, 28), "batch": 128},
@@ -47,10 +48,12 @@ def epochs(spec: dict, accelerator, workers: int, steps: int):
     source = InMemorySource(images, labels, mean=[0.5] * channels, std=[0.25] * channels,
                             class_names=[str(c) for c in range(10)],
                             augment=AugmentConfig(crop_padding=2, flip=True, cutout_size=0), device=device)
+    recipe, ckpt = loop_harness(accelerator, f"phase2.workers={workers}", "phase2.stack_workers=true")
     torch.manual_seed(0)
     module = build_model("resnet9", in_chans=channels, num_classes=10, kwargs=spec["kwargs"]).to(device)
+    if recipe.model.channels_last:  # `auto`: on CUDA, as a recipe that leaves it unset trains
+        module = module.to(memory_format=torch.channels_last)
     origin = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    recipe, ckpt = loop_harness(accelerator, f"phase2.workers={workers}", "phase2.stack_workers=true")
     ctx = loop_context(accelerator, recipe, ckpt, module, source, recipe.optimizer, phase=2)
     cfg = Phase2Config(per_worker_batch_size=batch, epochs=1, lr=LRConfig(peak=0.05))
     samples = [CycleSamples(cfg.sampling, ckpt.root.parent, k) for k in range(workers)]
@@ -71,7 +74,7 @@ def measure(key: str, accelerator, *, workers: int, steps: int, rounds: int, dry
     one, stacked = epochs(spec, accelerator, workers, steps)
     sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else None
     one(), stacked()  # warm-up: kernel selection, allocator, vmap's first trace
-    t_one, t_stacked = alternate_samples(one, stacked, rounds, sync)
+    t_one, t_stacked = alternate_samples((one, stacked), rounds, sync)
     images, one_s, stacked_s = steps * spec["batch"], statistics.median(t_one), statistics.median(t_stacked)
     # Rates from the median epochs the ratio uses: with an even number of rounds (the dry run's 2) a median of
     # per-round rates is another number, far from it when one round was slowed.
@@ -105,13 +108,15 @@ def main() -> None:
     if args.workers < 2:
         raise SystemExit("--workers: at least 2 (one worker is the baseline)")
     workers, steps, rounds = (2, 2, 2) if args.dry_run else (args.workers, args.steps, args.rounds)
-    # bf16 on a GPU, as a CUDA recipe trains; fp16 is refused for stacked workers (one loss scaler per worker).
-    accelerator = make_accelerator("no" if args.dry_run else "bf16")
+    # What `mixed_precision: auto` gives this device (bf16 on an A100/H100, fp32 on a CPU), as a recipe that leaves it
+    # unset trains; fp16 is refused for stacked workers (one loss scaler per worker).
+    precision = resolve_mixed_precision("auto")
+    accelerator = make_accelerator(precision)
     records = [measure(key, accelerator, workers=workers, steps=steps, rounds=rounds, dry_run=args.dry_run)
                for key in args.models.split(",")]
     rendered = table(records)
     print(rendered)
-    write_gpu_result("stacked_workers", args, {"rounds": rounds, "bf16": not args.dry_run, "records": records,
+    write_gpu_result("stacked_workers", args, {"rounds": rounds, "bf16": precision == "bf16", "records": records,
                                                "table": rendered})
     accelerator.end_training()
 

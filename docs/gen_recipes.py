@@ -172,10 +172,10 @@ def render() -> str:
             description = info.description or own.get(name, "")
             if info.is_required() or info.default is PydanticUndefined and info.default_factory is None:
                 default = "*required*"
+            elif sub is not None and not isinstance(info.default, list):  # a section: an instance or a factory
+                default = "`null`" if info.default is None and info.default_factory is None else "its keys' defaults"
             elif info.default_factory is not None or isinstance(info.default, list):
                 default = f"`{_yaml(info.default_factory() if info.default_factory else info.default)}`"
-            elif sub is not None:
-                default = "`null`" if info.default is None else "its keys' defaults"
             else:
                 default = f"`{_yaml(info.default)}`"
             if sub is not None:

@@ -22,12 +22,16 @@ def _batches(workers: int, steps: int, batch: int = 12) -> tuple[torch.Tensor, t
             torch.randint(0, 10, (steps, workers, batch), generator=g))
 
 
-def test_stacked_workers_equal_workers_trained_in_turn():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stacked_workers_equal_workers_trained_in_turn(channels_last):
     """In float64, where rounding cannot hide a difference in what is computed: 3 workers from different starting
     weights (as after a resume), 4 steps with changing learning rates, then every weight, BN statistic (counts
-    included) and momentum buffer of each worker equals its in-turn twin's."""
+    included) and momentum buffer of each worker equals its in-turn twin's. Also in channels-last, what `auto`
+    gives a CUDA run: the stacked weights are copies in whatever layout, the batches stay NCHW."""
     torch.manual_seed(0)
     module = build_model("resnet9", in_chans=1, num_classes=10, kwargs={"base_width": 4}).double().train()
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
     starts = []
     for k in range(3):
         twin = copy.deepcopy(module)

@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 
 import swap_accel  # noqa: F401  (registers resnet9)
 from swap_accel.algorithm.schedules import lr_at_epoch, make_schedule
+from swap_accel.checkpointing.rundir import recipe_difference
 from swap_accel.data.sampling import PHASE1, bn_order, bn_shard, derive_seed, phase1_shard, worker_order
 from swap_accel.models import ModelError, build_model, check_compile_backend, check_model_name, compile_in_place
-from swap_accel.recipe import LRConfig, RecipeError, load_recipe
+from swap_accel.recipe import LRConfig, RecipeError, device_defaults, dump_recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -215,8 +217,34 @@ def test_bare_yaml_no_means_no_mixed_precision(tmp_path):
     assert load_recipe(_write(tmp_path, BASE + "mixed_precision: no\n")).mixed_precision == "no"
     recipe = load_recipe(_write(tmp_path, BASE + "mixed_precision: fp16\n"), ["mixed_precision=no"])
     assert recipe.mixed_precision == "no"
-    with pytest.raises(RecipeError, match="mixed_precision: Input should be 'no', 'bf16' or 'fp16'"):
+    with pytest.raises(RecipeError, match="mixed_precision: Input should be 'auto', 'no', 'bf16' or 'fp16'"):
         load_recipe(_write(tmp_path, BASE), ["mixed_precision=fp8"])
+
+
+@pytest.mark.parametrize("capability, precision, channels_last", [
+    (None, "no", False),  # a CPU: exactly the defaults before `auto`, so CPU runs and their stores are unchanged
+    ((7, 0), "no", True),  # V100: bf16 only emulated, fp16 left to the user (it needs loss scaling)
+    ((8, 0), "bf16", True),  # A100
+    ((9, 0), "bf16", True),  # H100
+])
+def test_auto_resolves_from_the_training_device_when_the_recipe_loads(tmp_path, monkeypatch, capability, precision,
+                                                                       channels_last):
+    monkeypatch.setattr(device_defaults, "cuda_capability", lambda: capability)
+    recipe = load_recipe(_write(tmp_path, BASE))  # neither key written: their defaults are `auto`
+    assert (recipe.mixed_precision, recipe.model.channels_last) == (precision, channels_last)
+    # What a run writes into recipe.yaml is what ran, and reads back as the same recipe on any machine.
+    dumped = yaml.safe_load(dump_recipe(recipe))
+    assert (dumped["mixed_precision"], dumped["model"]["channels_last"]) == (precision, channels_last)
+    # Resuming that run on a CPU is refused, naming the first setting that would change.
+    monkeypatch.setattr(device_defaults, "cuda_capability", lambda: None)
+    diff = recipe_difference(load_recipe(_write(tmp_path, BASE)), dumped)
+    expected = {"bf16": "mixed_precision: 'bf16' -> 'no'", "no": "model.channels_last: True -> False" if
+                channels_last else None}[precision]
+    assert diff == expected
+    # A value the user wrote is kept as written, on any device.
+    written = load_recipe(_write(tmp_path, BASE), ["mixed_precision=fp16", "model.channels_last=false"])
+    assert (written.mixed_precision, written.model.channels_last) == ("fp16", False)
+
 
 
 @pytest.mark.parametrize("poison", ["weight", "running_var"])

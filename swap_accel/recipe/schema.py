@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..topology import WorkerLayout, layout_error
+from .device_defaults import resolve_mixed_precision
 from .sections import (
     CheckpointConfig,
     DataConfig,
@@ -38,10 +39,12 @@ class Recipe(Strict):
     mode: Literal["swap", "sgd", "swa"] = "swap"
     seed: int = 0
     output_dir: Path | None = None
-    # fp16 scales the loss: Accelerate's scaler in phase 1, one per phase-2 worker (precision.py).
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 on a CUDA device with native bf16 (compute capability 8.0+), else no (fp32); resolved when the
+    # recipe loads, so recipe.yaml says what ran. fp16 scales the loss: Accelerate's scaler in phase 1, one per
+    # phase-2 worker (precision.py).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", validate_default=True)
     loss_scale: LossScaleConfig = LossScaleConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     phase1: Phase1Config
@@ -62,6 +65,11 @@ class Recipe(Strict):
     def _yaml_no(cls, value):
         # YAML 1.1 reads a bare `no` (in a recipe or `--set mixed_precision=no`) as false; the user meant "no".
         return "no" if value is False else value
+
+    @field_validator("mixed_precision", mode="after")
+    @classmethod
+    def _resolve_auto(cls, value: str) -> str:
+        return resolve_mixed_precision(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

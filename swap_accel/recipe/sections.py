@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from .device_defaults import resolve_channels_last
+
 
 class RecipeError(ValueError):
     """A recipe problem, already phrased as one line for the user."""
@@ -67,12 +69,19 @@ class ModelConfig(Strict):
     # Any timm model name; `resnet9` is ours (swap_accel.models).
     name: str = "resnet9"
     kwargs: dict[str, Any] = {}
-    channels_last: bool = False
+    # Weights and activations in NHWC. auto: true on CUDA (cuDNN's tensor-core convolutions want it), false on a
+    # CPU (where it measured 1.16x on 2 cores: set true there by hand); resolved when the recipe loads.
+    channels_last: bool | Literal["auto"] = Field("auto", validate_default=True)
     # torch.compile the forward (in place, so state_dict keys and checkpoints are unchanged): true for torch's
     # default backend (inductor), or a backend's name (e.g. aot_eager, cudagraphs). Off by default: on CPU
     # inductor costs 30-60 s of compilation (more with a cold cache) and pays off after ~1800 steps
     # (benchmarks/threads.py).
     compile: bool | str = False
+
+    @field_validator("channels_last", mode="after")
+    @classmethod
+    def _resolve_auto(cls, value: bool | str) -> bool:
+        return resolve_channels_last(value)
 
 
 class OptimizerConfig(Strict):
