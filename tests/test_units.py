@@ -230,7 +230,12 @@ def test_bare_yaml_no_means_no_mixed_precision(tmp_path):
 def test_auto_resolves_from_the_training_device_when_the_recipe_loads(tmp_path, monkeypatch, capability, precision,
                                                                        channels_last):
     monkeypatch.setattr(device_defaults, "cuda_capability", lambda: capability)
-    recipe = load_recipe(_write(tmp_path, BASE))  # neither key written: their defaults are `auto`
+    notes = []
+    recipe = load_recipe(_write(tmp_path, BASE), notes=notes)  # neither key written: their defaults are `auto`
+    # On a GPU the run says before it starts what `auto` chose; on a CPU it is the plain fp32 it always was.
+    said = (f"note: mixed_precision auto -> {precision}, model.channels_last auto -> true (CUDA compute capability "
+            f"{capability[0]}.{capability[1]}; set them to override)") if capability else None
+    assert notes == ([said] if said else [])
     assert (recipe.mixed_precision, recipe.model.channels_last) == (precision, channels_last)
     # What a run writes into recipe.yaml is what ran, and reads back as the same recipe on any machine.
     dumped = yaml.safe_load(dump_recipe(recipe))

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from . import device_defaults
 from .schema import Recipe
 from .sections import RecipeError
 
@@ -104,9 +105,27 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), notes: list[
     if note and notes is not None:
         notes.append(note)
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(_format_error(e, str(path))) from None
+    if notes is not None:
+        notes.extend(_resolved_autos(raw, recipe))
+    return recipe
+
+
+def _resolved_autos(raw: dict, recipe: Recipe) -> list[str]:
+    """What `auto` became, said where it differs from the CPU's fp32 NCHW (on a GPU): a user who set nothing sees
+    that the run trains in bf16 and channels-last before it starts."""
+    capability = device_defaults.cuda_capability()
+    if capability is None:
+        return []
+    auto = device_defaults.AUTO
+    written = {"mixed_precision": raw.get("mixed_precision", auto),
+               "model.channels_last": (raw.get("model") or {}).get("channels_last", auto)}
+    value = {"mixed_precision": recipe.mixed_precision, "model.channels_last": recipe.model.channels_last}
+    chosen = [f"{key} auto -> {str(value[key]).lower()}" for key in written if written[key] == auto]
+    return [f"note: {', '.join(chosen)} (CUDA compute capability {capability[0]}.{capability[1]}; set them to "
+            "override)"] if chosen else []
 
 
 def dump_recipe(recipe: Recipe) -> str:
