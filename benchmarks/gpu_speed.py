@@ -53,7 +53,7 @@ MODELS = {
                  "phase1_batch": 256, "worker_batch": 128},
 }
 DRY = {"resnet9": {"kwargs": {"base_width": 8}, "phase1_batch": 32, "worker_batch": 16},
-       "resnet50": {"shape": (3, 64, 64), "phase1_batch": 8, "worker_batch": 4}}
+       "resnet50": {"shape": (3, 32, 32), "phase1_batch": 4, "worker_batch": 2}}
 
 
 def peak_flops(device: torch.device) -> float | None:
