@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from launching import LAUNCH, ROOT, free_port, launch, needs_fashion, tiny_recipe
+from typer.testing import CliRunner
 
 from swap_accel.checkpointing.files import load_weights_into
+from swap_accel.cli import app
 from swap_accel.data.loading import load_data
 from swap_accel.data.sampling import bn_order
 from swap_accel.models import build_model
@@ -168,6 +170,5 @@ def test_landscape_of_a_real_run_on_two_processes(tmp_path, data_cache):
     expected = float((target - theta) @ -grad) / float((target - theta).norm() * grad.norm())
     assert middle["cosine"] == pytest.approx(expected, abs=1e-4)
 
-    bad = subprocess.run([sys.executable, "-m", "swap_accel", "landscape", str(run), "--points", "LB,W7,SWAP"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "W7" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = CliRunner().invoke(app, ["landscape", str(run), "--points", "LB,W7,SWAP"])  # refused before any work
+    assert bad.exit_code == 2 and "W7" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -16,8 +16,10 @@ import textwrap
 import matplotlib.image
 import pytest
 from launching import ROOT, launch, needs_fashion, tiny_recipe
+from typer.testing import CliRunner
 from wandb.proto import wandb_internal_pb2
 
+from swap_accel.cli import app
 from swap_accel.monitoring import figure
 from swap_accel.monitoring.report import table_rows
 from swap_accel.monitoring.tracking import _wandb_mode
@@ -219,9 +221,8 @@ def test_none_imports_no_tracker(untracked):
 def test_report_prints_both_runs_side_by_side(tracked, untracked):
     sgd, _ = untracked
     (tracked["out"] / "figure1.png").unlink()
-    result = subprocess.run([sys.executable, "-m", "swap_accel", "report", str(tracked["out"]), str(sgd)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(app, ["report", str(tracked["out"]), str(sgd)])
+    assert result.exit_code == 0, result.stderr
     assert "SWAP (after averaging)" in result.stdout and "SGD (batch 252)" in result.stdout
     assert "sgd_none" in result.stdout and (tracked["out"] / "figure1.png").exists()  # redrawn
 

@@ -36,8 +36,10 @@ from launching import (
     train_command,
 )
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from swap_accel.checkpointing.files import verify_checkpoint
+from swap_accel.cli import app
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 # Two samples per worker, one at the end of each of two 1-epoch cycles (21 steps each).
@@ -182,9 +184,8 @@ def test_average_of_a_whole_run_equals_its_phase3(reference, tmp_path):
     for key in ("phase1", "phase2", "before_averaging", "after_averaging", "critical_path_steps", "collectives"):
         assert key in r
     # The same outputs as training: `report` reads them and redraws Figure 1.
-    report = subprocess.run([sys.executable, "-m", "swap_accel", "report", str(tmp_path / "avg")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert report.returncode == 0 and "SWAP (after averaging)" in report.stdout, report.stderr[-3000:]
+    report = CliRunner().invoke(app, ["report", str(tmp_path / "avg")])
+    assert report.exit_code == 0 and "SWAP (after averaging)" in report.stdout, report.stderr[-3000:]
 
 
 def test_two_machines_on_loopback_survive_a_hung_worker(reference, tmp_path, data_cache):
@@ -224,9 +225,8 @@ def test_two_machines_on_loopback_survive_a_hung_worker(reference, tmp_path, dat
                          env={**os.environ, **ENV}, timeout=300)
     assert avg.returncode == 0, avg.stderr[-3000:]
     assert [w["index"] for w in json.loads((tmp_path / "survivors" / "results.json").read_text())["workers"]] == [0]
-    report = subprocess.run([sys.executable, "-m", "swap_accel", "report", str(tmp_path / "survivors")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert report.returncode == 0, report.stderr[-3000:]
+    report = CliRunner().invoke(app, ["report", str(tmp_path / "survivors")])
+    assert report.exit_code == 0, report.stderr[-3000:]
 
     # Rerunning both launchers resumes worker 1 from its checkpoint: the full SWAP result, bit for bit.
     again = [start(cmd, tmp_path / f"rerun{m}.log") for m, cmd in enumerate(machines(free_port()))]

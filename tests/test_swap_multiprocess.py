@@ -14,8 +14,10 @@ import pytest
 import torch
 from launching import CONSOLE_LAUNCH, LAUNCH, ROOT, free_port, launch, needs_fashion, tiny_recipe
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import swap_accel  # noqa: F401
+from swap_accel.cli import app
 from swap_accel.data.loading import load_data
 from swap_accel.data.sampling import bn_order, digest, worker_order
 from swap_accel.models import build_model
@@ -232,9 +234,8 @@ def test_export_loads_back_with_timm_and_gives_the_same_logits(run2, tmp_path):
     import timm
 
     folder = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "swap_accel", "export", str(run2["out"]), str(folder)],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = CliRunner().invoke(app, ["export", str(run2["out"]), str(folder)])
+    assert done.exit_code == 0, done.stdout + done.stderr
     config = json.loads((folder / "config.json").read_text())
     recipe, data = run2["recipe"], load_data(run2["recipe"].data, torch.device("cpu"), split="test")
     assert config["architecture"] == recipe.model.name and config["num_classes"] == data.num_classes == 10
@@ -250,6 +251,5 @@ def test_export_loads_back_with_timm_and_gives_the_same_logits(run2, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), reference(x))
     # A second export into the same, now non-empty folder is refused with one line, not overwritten silently.
-    again = subprocess.run([sys.executable, "-m", "swap_accel", "export", str(run2["out"]), str(folder)],
-                           capture_output=True, text=True, cwd=ROOT)
-    assert again.returncode != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    again = CliRunner().invoke(app, ["export", str(run2["out"]), str(folder)])
+    assert again.exit_code != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr

@@ -29,7 +29,9 @@ from launching import (
     train_command,
 )
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from swap_accel.cli import app
 from swap_accel.data.sampling import digest, worker_order, worker_shard
 from swap_accel.models import build_model
 from swap_accel.recipe import RecipeError, load_recipe
@@ -234,10 +236,9 @@ def test_average_accepts_workers_of_two_runs_that_share_one_phase1(sequential, t
         torch.testing.assert_close(final[name], torch.stack([w[name] for w in workers]).sum(0) / 4, rtol=1e-6,
                                    atol=1e-7)
     # One checkpoint given twice (here under two paths) is still refused.
-    twice = subprocess.run([*cmd[:5], str(sequential["out"] / "checkpoints" / ".." / "checkpoints" / "p2-w0-end"),
-                            "--recipe", str(recipe), "--out", str(tmp_path / "twice")],
-                           capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert twice.returncode == 2 and "are the same worker checkpoint" in twice.stderr, twice.stderr[-2000:]
+    same = sequential["out"] / "checkpoints" / ".." / "checkpoints" / "p2-w0-end"
+    twice = CliRunner().invoke(app, [*cmd[3:5], str(same), "--recipe", str(recipe), "--out", str(tmp_path / "twice")])
+    assert twice.exit_code == 2 and "are the same worker checkpoint" in twice.stderr, twice.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("recipe", "processes", "expected"), [
