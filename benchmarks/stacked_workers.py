@@ -51,7 +51,7 @@ def epochs(spec: dict, accelerator, workers: int, steps: int):
     recipe, ckpt = loop_harness(accelerator, f"phase2.workers={workers}", "phase2.stack_workers=true")
     torch.manual_seed(0)
     module = build_model("resnet9", in_chans=channels, num_classes=10, kwargs=spec["kwargs"]).to(device)
-    if recipe.model.channels_last:  # as the recipe trains it (the quickstart sets it; `auto` is true on CUDA)
+    if recipe.model.channels_last:  # as the quickstart recipe trains, which sets it (true) on every device
         module = module.to(memory_format=torch.channels_last)
     origin = {k: v.detach().clone() for k, v in module.state_dict().items()}
     ctx = loop_context(accelerator, recipe, ckpt, module, source, recipe.optimizer, phase=2)

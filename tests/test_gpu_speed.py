@@ -48,7 +48,7 @@ def test_gpu_speed_dry_run_times_both_loops_for_both_models(tmp_path):
                 assert p["payback_steps"] == pytest.approx(p["compile_seconds"] / (saved / steps))
             else:
                 assert p["payback_steps"] is None
-    # ResNet-50 at 64 px costs more FLOPs per image than the width-8 ResNet-9 at 32 px, as counted.
+    # ResNet-50 at 32 px costs more FLOPs per image than the width-8 ResNet-9 at 32 px, as counted.
     assert report["records"][1]["phase1"]["flops_per_image"] > report["records"][0]["phase1"]["flops_per_image"] > 0
     assert "| compile s (payback steps) |" in report["table"]
 

@@ -252,4 +252,4 @@ def test_export_loads_back_with_timm_and_gives_the_same_logits(run2, tmp_path):
         assert torch.equal(loaded(x), reference(x))
     # A second export into the same, now non-empty folder is refused with one line, not overwritten silently.
     again = CliRunner().invoke(app, ["export", str(run2["out"]), str(folder)])
-    assert again.exit_code != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert again.exit_code == 2 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1

@@ -9,7 +9,8 @@ import yaml
 
 import swap_accel  # noqa: F401  (registers resnet9)
 from swap_accel.algorithm.schedules import lr_at_epoch, make_schedule
-from swap_accel.checkpointing.rundir import recipe_difference
+from swap_accel.checkpointing.files import CheckpointError
+from swap_accel.checkpointing.rundir import check_run_dir, recipe_difference
 from swap_accel.data.sampling import PHASE1, bn_order, bn_shard, derive_seed, phase1_shard, worker_order
 from swap_accel.models import ModelError, build_model, check_compile_backend, check_model_name, compile_in_place
 from swap_accel.recipe import LRConfig, RecipeError, device_defaults, dump_recipe, load_recipe
@@ -240,15 +241,26 @@ def test_auto_resolves_from_the_training_device_when_the_recipe_loads(tmp_path, 
     # What a run writes into recipe.yaml is what ran, and reads back as the same recipe on any machine.
     dumped = yaml.safe_load(dump_recipe(recipe))
     assert (dumped["mixed_precision"], dumped["model"]["channels_last"]) == (precision, channels_last)
+    # A value the user wrote is kept as written, on any device.
+    written = load_recipe(_write(tmp_path, BASE), ["mixed_precision=fp16", f"model.channels_last={not channels_last}"])
+    assert (written.mixed_precision, written.model.channels_last) == ("fp16", not channels_last)
     # Resuming that run on a CPU is refused, naming the first setting that would change.
     monkeypatch.setattr(device_defaults, "cuda_capability", lambda: None)
     diff = recipe_difference(load_recipe(_write(tmp_path, BASE)), dumped)
     expected = {"bf16": "mixed_precision: 'bf16' -> 'no'", "no": "model.channels_last: True -> False" if
                 channels_last else None}[precision]
     assert diff == expected
-    # A value the user wrote is kept as written, on any device.
-    written = load_recipe(_write(tmp_path, BASE), ["mixed_precision=fp16", "model.channels_last=false"])
-    assert (written.mixed_precision, written.model.channels_last) == ("fp16", False)
+    if expected:  # ... with the sets that resume it as it was trained
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(dumped))
+        sets = " ".join([*(["--set mixed_precision=bf16"] if precision == "bf16" else []),
+                         "--set model.channels_last=true"])
+        with pytest.raises(CheckpointError, match=f"other device defaults .*; pass {sets} to resume it"):
+            check_run_dir(load_recipe(_write(tmp_path, BASE)), run_dir, 1, overwrite=False)
+        check_run_dir(load_recipe(_write(tmp_path, BASE), sets.replace("--set ", "").split()), run_dir, 1,
+                      overwrite=False)
+
 
 
 

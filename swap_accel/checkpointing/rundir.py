@@ -82,8 +82,20 @@ def check_run_dir(recipe: Recipe, run_dir: Path, num_processes: int, overwrite: 
     if (run_dir / "results.json").exists():
         raise FileExistsError(f"{run_dir} already holds a finished run; pass --overwrite or choose --out DIR")
     if (run_dir / "recipe.yaml").exists():
-        diff = recipe_difference(recipe, yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+        stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        diff = recipe_difference(recipe, stored)
         if diff:
+            # The same recipe resolved for another kind of device (or written before `auto` existed): say the sets
+            # that pin what it trained with.
+            stored_values = {"mixed_precision": stored.get("mixed_precision"),
+                             "model.channels_last": (stored.get("model") or {}).get("channels_last")}
+            here = {"mixed_precision": recipe.mixed_precision, "model.channels_last": recipe.model.channels_last}
+            if diff.split(":", 1)[0] in stored_values:
+                sets = " ".join(f"--set {key}={str(value).lower()}" for key, value in stored_values.items()
+                                if value is not None and value != here[key])
+                raise CheckpointError(f"{run_dir} holds an unfinished run of this recipe with other device defaults "
+                                      f"({diff}; `auto` resolves per device); pass {sets} to resume it, --overwrite "
+                                      "to start over, or choose --out DIR")
             raise CheckpointError(f"{run_dir} holds an unfinished run of another recipe ({diff}); rerun the same "
                                   "recipe to resume it, pass --overwrite to start over, or choose --out DIR")
     for manifest in sorted((run_dir / ROOT).glob("*/manifest.json"))[:1]:

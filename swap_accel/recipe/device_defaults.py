@@ -26,8 +26,9 @@ def cuda_capability() -> tuple[int, int] | None:
     """Compute capability of the CUDA device this process trains on, or None without CUDA.
 
     Asked before the launcher's rank has picked its device, so it names the device by LOCAL_RANK (what Accelerate
-    will pick) and only reads its properties: neither `cudaGetDeviceCount` nor `cudaGetDeviceProperties` creates
-    a CUDA context, so no rank leaves one on GPU 0 (benchmarks/on_gpu.sh's `defaults` step checks this)."""
+    will pick) and only reads its properties (torch initialises its CUDA state lazily for that, then calls
+    `cudaGetDeviceProperties`). None of that should need a CUDA context, which would stay on GPU 0 in every rank;
+    benchmarks/gpu_defaults.py (on_gpu.sh's first step) checks on a real device that none is created."""
     import torch  # here, not at the top: validating a recipe needs no torch until an `auto` is resolved
 
     if not torch.cuda.is_available():

@@ -18,7 +18,7 @@ from .sections import RecipeError
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
         parent = _fields_at(first["loc"][:-1])
@@ -31,7 +31,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     if first["type"] == "finite_number":
         msg = "must be a finite number"
     if first["type"] == "value_error" and not loc:  # a check across sections: its message names keys and fix
-        return f"{source}: {msg.removeprefix('Value error, ')}"
+        return f"{source}: {msg}"
     return f"{source}: {loc}: {msg} (got {first.get('input')!r}); fix the value in the recipe or --set"
 
 

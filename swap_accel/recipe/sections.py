@@ -78,6 +78,14 @@ class ModelConfig(Strict):
     # (benchmarks/threads.py).
     compile: bool | str = False
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _bool_or_auto(cls, value):
+        # One message naming all three values, instead of pydantic's one per member of the union.
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError("must be true, false or auto")
+
     @field_validator("channels_last", mode="after")
     @classmethod
     def _resolve_auto(cls, value: bool | str) -> bool:
