@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..recipe import Recipe
+from ..recipe.device_defaults import device_settings
 from .files import CheckpointError
 from .resume import ROOT, phase1_source
 
@@ -87,9 +88,8 @@ def check_run_dir(recipe: Recipe, run_dir: Path, num_processes: int, overwrite: 
         if diff:
             # The same recipe resolved for another kind of device (or written before `auto` existed): say the sets
             # that pin what it trained with.
-            stored_values = {"mixed_precision": stored.get("mixed_precision"),
-                             "model.channels_last": (stored.get("model") or {}).get("channels_last")}
-            here = {"mixed_precision": recipe.mixed_precision, "model.channels_last": recipe.model.channels_last}
+            stored_values = device_settings(stored)
+            here = device_settings(recipe.model_dump(mode="json"))
             if diff.split(":", 1)[0] in stored_values:
                 sets = " ".join(f"--set {key}={str(value).lower()}" for key, value in stored_values.items()
                                 if value is not None and value != here[key])

@@ -37,6 +37,13 @@ def cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(index)
 
 
+def device_settings(recipe: dict, unset=None) -> dict:
+    """The keys whose default is `auto`, as a recipe mapping (raw YAML, or a dumped recipe) gives them; `unset` for
+    one it leaves out. The one list of them: the load-time note and the resume refusal both read it."""
+    return {"mixed_precision": recipe.get("mixed_precision", unset),
+            "model.channels_last": (recipe.get("model") or {}).get("channels_last", unset)}
+
+
 def resolve_mixed_precision(value: str) -> str:
     if value != AUTO:
         return value

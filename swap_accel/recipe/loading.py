@@ -120,9 +120,8 @@ def _resolved_autos(raw: dict, recipe: Recipe) -> list[str]:
     if capability is None:
         return []
     auto = device_defaults.AUTO
-    written = {"mixed_precision": raw.get("mixed_precision", auto),
-               "model.channels_last": (raw.get("model") or {}).get("channels_last", auto)}
-    value = {"mixed_precision": recipe.mixed_precision, "model.channels_last": recipe.model.channels_last}
+    written = device_defaults.device_settings(raw, unset=auto)
+    value = device_defaults.device_settings(recipe.model_dump(mode="json"))
     chosen = [f"{key} auto -> {str(value[key]).lower()}" for key in written if written[key] == auto]
     return [f"note: {', '.join(chosen)} (CUDA compute capability {capability[0]}.{capability[1]}; set them to "
             "override)"] if chosen else []
