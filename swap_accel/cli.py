@@ -127,7 +127,8 @@ def average(
 
         parsed = load_recipe(recipe, [*(overrides or []), *([f"phase3.selection={selection}"] if selection else [])])
         check_model_name(parsed.model.name)
-        workers = resolve_workers(checkpoints, parsed)
+        chosen = any(o.split("=", 1)[0].strip() == "mixed_precision" for o in overrides or [])
+        workers = resolve_workers(checkpoints, parsed, precision_chosen=chosen)
         check_out(out, overwrite)
         prepare_data(parsed.data)
         run(parsed, workers, out)

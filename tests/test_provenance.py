@@ -30,7 +30,7 @@ import swap_accel.train
 from swap_accel.checkpointing.files import commit_checkpoint
 from swap_accel.cli import app
 from swap_accel.data.fashion_mnist import FASHION_MNIST_FILES
-from swap_accel.recipe import load_recipe
+from swap_accel.recipe import device_defaults, load_recipe
 from swap_accel.tools.transition import plan
 
 pytestmark = [needs_fashion, pytest.mark.slow]
@@ -168,6 +168,23 @@ def test_average_refuses_workers_of_other_data_even_moved_out_of_their_run(run, 
     code, lines, started = _invoke(["average", moved, run.out / "checkpoints" / "p2-w0-end", "--recipe", run.recipe,
                                     "--out", run.tmp / "avg"], monkeypatch)
     assert code == 0 and [s[0] for s in started] == ["average"], lines
+
+
+def test_average_refuses_a_recipe_whose_auto_precision_is_not_the_workers(run, monkeypatch):
+    """The workers trained in fp32 (`auto` on a CPU). Averaged on a bf16-capable GPU with the same recipe, `auto`
+    resolves to bf16 there and phase 3 would recompute BN in it: refused, naming the set that matches the workers.
+    Their own recipe.yaml holds the precision they trained in and passes, and so does an explicit --set."""
+    for name in ["p1-end", "p2-w0-end", *(p.name for p in run.ckpts.glob("p2-w0-step*"))]:
+        assert json.loads((run.ckpts / name / "manifest.json").read_text())["mixed_precision"] == "no", name
+    monkeypatch.setattr(device_defaults, "cuda_capability", lambda: (9, 0))
+    out = ["--out", run.tmp / "avg"]
+    _refused(["average", run.out, "--recipe", run.recipe, *out], monkeypatch,
+             f"{run.ckpts / 'p2-w0-end'} was trained with mixed_precision 'no'", "averages with 'bf16'",
+             "--set mixed_precision=no", "their run's recipe.yaml")
+    for chosen in (["--recipe", run.out / "recipe.yaml"], ["--recipe", run.recipe, "--set", "mixed_precision=bf16"]):
+        code, lines, started = _invoke(["average", run.out, *chosen, *out], monkeypatch)
+        assert code == 0 and [s[0] for s in started] == ["average"], (chosen, lines)
+        assert started[0][1][0].mixed_precision == ("no" if len(chosen) == 2 else "bf16"), chosen
 
 
 def test_average_takes_a_dead_workers_samples_from_its_own_run(run, tmp_path):

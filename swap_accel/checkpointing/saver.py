@@ -44,9 +44,11 @@ class Checkpointer:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         # Every manifest says which images its weights were trained on (data.provenance), so a run that reuses it
         # (--from-phase1, average, transition) can refuse other data, and how the worker takes its samples
-        # (snapshots.CycleSamples), so `average` finds a dead worker's samples without its run's recipe.
+        # (snapshots.CycleSamples), so `average` finds a dead worker's samples without its run's recipe, and the
+        # precision it trained in (what `auto` resolved to on its device), so `average` recomputes BN in that one.
         self.meta = {"num_processes": self.world, "model": {"name": recipe.model.name, "kwargs": recipe.model.kwargs},
-                     "data": provenance(recipe.data), "sampling": recipe.phase2 and recipe.phase2.sampling}
+                     "data": provenance(recipe.data), "sampling": recipe.phase2 and recipe.phase2.sampling,
+                     "mixed_precision": recipe.mixed_precision}
         self.last_good: Path | None = None
         # Checkpoints committed by an earlier launch of this run. Listed here, before this launch trains a step, so
         # that every process agrees which ones it may reach again (`_save_once`) however its view of the shared

@@ -39,9 +39,10 @@ from ..recipe import Recipe, dump_recipe
 _PHASES = ("setup", "phase3", "evaluation")
 
 
-def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]]:
+def resolve_workers(paths: list[Path], recipe: Recipe, precision_chosen: bool = False) -> list[tuple[Path, dict]]:
     """Verified (checkpoint, manifest) pairs: a run directory gives its finished workers (p2-w*-end), a
-    checkpoint directory is taken as is (a finished worker, or the newest p2-w*-step* of one that died)."""
+    checkpoint directory is taken as is (a finished worker, or the newest p2-w*-step* of one that died).
+    `precision_chosen`: the user set mixed_precision on the command line, so it may differ from the workers'."""
     found: list[Path] = []
     for path in map(Path, paths):
         if (path / ROOT).is_dir():
@@ -66,6 +67,8 @@ def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]
                    missing_fix="retrain its run with this version, or leave this worker out",
                    mismatch_fix=lambda theirs, ours: (
                        f"pass the workers' own recipe (their run's recipe.yaml) or {provenance_sets(theirs)}"))
+        if not precision_chosen:
+            _check_precision(path, manifest, recipe)
         _sampling(path, manifest)
         # A worker is (phase-1 origin, seed, worker index): worker 0 of two --from-phase1 runs with
         # different seeds are two workers. What must not enter twice is one checkpoint, under any path.
@@ -80,6 +83,22 @@ def resolve_workers(paths: list[Path], recipe: Recipe) -> list[tuple[Path, dict]
         raise CheckpointError(f"the workers start from {len(origins)} different phase-1 models; average workers "
                               "that share one phase 1 (same run, or --from-phase1 of the same run)")
     return workers
+
+
+def _check_precision(path: Path, manifest: dict, recipe: Recipe) -> None:
+    """Phase 3 here is train's phase 3 only in the precision the worker trained in: BN statistics recomputed and the
+    average evaluated under bf16 autocast are not the fp32 ones. A shipped recipe's `auto` resolves on the machine
+    that averages (bf16 on a recent GPU, fp32 on a CPU), not on the one that trained, so the recipe's precision is
+    checked against the worker's manifest; memory format only reorders the same arithmetic and is not checked.
+    A worker written before manifests recorded it is not checked."""
+    trained = manifest.get("mixed_precision")
+    if trained is None or trained == recipe.mixed_precision:
+        return
+    raise CheckpointError(f"{path} was trained with mixed_precision {trained!r}, but this recipe averages with "
+                          f"{recipe.mixed_precision!r} (auto resolves on the machine that averages), so phase 3 "
+                          "would recompute BN statistics and evaluate in another precision than the workers'; pass "
+                          f"the workers' own recipe (their run's recipe.yaml) or --set mixed_precision={trained}, or "
+                          f"--set mixed_precision={recipe.mixed_precision} to average in that precision on purpose")
 
 
 def _sampling(path: Path, manifest: dict) -> dict[str, int] | None:
