@@ -95,10 +95,11 @@ def _check_precision(path: Path, manifest: dict, recipe: Recipe) -> None:
     if trained is None or trained == recipe.mixed_precision:
         return
     raise CheckpointError(f"{path} was trained with mixed_precision {trained!r}, but this recipe averages with "
-                          f"{recipe.mixed_precision!r} (auto resolves on the machine that averages), so phase 3 "
-                          "would recompute BN statistics and evaluate in another precision than the workers'; pass "
-                          f"the workers' own recipe (their run's recipe.yaml) or --set mixed_precision={trained}, or "
-                          f"--set mixed_precision={recipe.mixed_precision} to average in that precision on purpose")
+                          f"{recipe.mixed_precision!r} (a recipe's auto resolves on the machine that averages), so "
+                          "phase 3 would recompute BN statistics and evaluate in another precision than the "
+                          "workers'; pass the workers' own recipe (their run's recipe.yaml) or --set "
+                          f"mixed_precision={trained}, or --set mixed_precision={recipe.mixed_precision} to average "
+                          "in that precision on purpose")
 
 
 def _sampling(path: Path, manifest: dict) -> dict[str, int] | None:
