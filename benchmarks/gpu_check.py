@@ -185,7 +185,7 @@ def run_precision(precision: str, out: Path, dry_run: bool) -> dict:
 def hand_written_step(recipe, steps: int, cuda: bool, repeats: int) -> float:
     """The same model, batch, micro-batches, SGD, autocast and in-memory data pipeline as swap_accel's phase 1,
     written as a plain loop: the baseline for the overhead ratio. Seconds per step, median of `repeats`."""
-    from swap_accel.algorithm.phase2 import make_sgd
+    from swap_accel.algorithm.loop import make_sgd
     from swap_accel.data.loading import load_data
     from swap_accel.data.sampling import phase1_shard
     from swap_accel.models import build_model
@@ -197,7 +197,7 @@ def hand_written_step(recipe, steps: int, cuda: bool, repeats: int) -> float:
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     fp16, opt = recipe.mixed_precision == "fp16", recipe.optimizer
-    sgd = make_sgd(model, opt, 0.01, fp16=fp16)  # swap_accel's own optimizer choice, fused fp16 fix included
+    sgd = make_sgd(model.parameters(), opt, 0.01, device=device, fp16=fp16)  # swap_accel's own optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.mixed_precision]
     batch, micro = recipe.phase1.global_batch_size, recipe.phase1.micro_batch_size or recipe.phase1.global_batch_size
@@ -226,9 +226,8 @@ def hand_written_step(recipe, steps: int, cuda: bool, repeats: int) -> float:
 
 def cifar_shape_images_per_s(dry_run: bool) -> dict:
     """Phase 1's step (swap_accel's own loop) at the CIFAR-10 recipe's shape on synthetic 3x32x32 batches."""
-    from swap_accel.algorithm.loop import LoopContext
+    from swap_accel.algorithm.loop import LoopContext, make_sgd
     from swap_accel.algorithm.phase1 import train_phase1
-    from swap_accel.algorithm.phase2 import make_sgd
     from swap_accel.checkpointing.saver import Checkpointer
     from swap_accel.data.sources import InMemorySource
     from swap_accel.models import build_model
@@ -246,7 +245,8 @@ def cifar_shape_images_per_s(dry_run: bool) -> dict:
     module = build_model("resnet9", in_chans=3, num_classes=10, kwargs=recipe.model.kwargs)
     if recipe.model.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, 0.1))
+    optimizer = make_sgd(module.parameters(), recipe.optimizer, 0.1, device=accelerator.device)
+    model, optimizer = accelerator.prepare(module, optimizer)
 
     class _Quiet:  # phase 1's logging point, without evaluation
         def steps(self, iterable, **_):

@@ -37,8 +37,9 @@ from benchmarks.common import (
     timed,
     write_gpu_result,
 )
+from swap_accel.algorithm.loop import make_sgd
 from swap_accel.algorithm.phase1 import train_phase1
-from swap_accel.algorithm.phase2 import make_sgd, train_phase2
+from swap_accel.algorithm.phase2 import train_phase2
 from swap_accel.checkpointing.snapshots import CycleSamples
 from swap_accel.data.sources import InMemorySource
 from swap_accel.models import build_model, compile_in_place
@@ -127,7 +128,8 @@ def swap_steps(spec: dict, source: InMemorySource, accelerator, batch: int, phas
     recipe, ckpt = loop_harness(accelerator, "phase2.workers=1")
     opt_cfg = OptimizerConfig()
     if phase == 1:
-        model, optimizer = accelerator.prepare(module, make_sgd(module, opt_cfg, 0.01))
+        optimizer = make_sgd(module.parameters(), opt_cfg, 0.01, device=accelerator.device)
+        model, optimizer = accelerator.prepare(module, optimizer)
         ctx = loop_context(accelerator, recipe, ckpt, module, source, opt_cfg, phase=1)
         cfg = Phase1Config(global_batch_size=batch, max_epochs=1, lr=LRConfig(peak=0.01))
 

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import alternate, fashion, loop_context, loop_harness, save
+from swap_accel.algorithm.loop import make_sgd
 from swap_accel.algorithm.phase1 import train_phase1
-from swap_accel.algorithm.phase2 import make_sgd, train_phase2
+from swap_accel.algorithm.phase2 import train_phase2
 from swap_accel.checkpointing.snapshots import CycleSamples
 from swap_accel.data.augment import augment_batch, cutout_
 from swap_accel.data.sampling import phase1_shard
@@ -51,7 +52,7 @@ def main() -> None:
 
     # --- phase 1 ------------------------------------------------------------------------------
     m = model()
-    ours, ours_opt = accelerator.prepare(m, make_sgd(m, opt_cfg, 0.1))
+    ours, ours_opt = accelerator.prepare(m, make_sgd(m.parameters(), opt_cfg, 0.1, device=accelerator.device))
     CollectiveCounter.watch_ddp(ours)
     m = model()
     bare, bare_opt = accelerator.prepare(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True,

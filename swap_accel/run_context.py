@@ -20,10 +20,9 @@ from accelerate.utils import set_seed
 
 from . import __version__
 from .algorithm.evaluate import evaluate_shared
-from .algorithm.loop import LoopContext
+from .algorithm.loop import LoopContext, make_sgd
 from .algorithm.noise_scale import GradientNoise
 from .algorithm.phase1 import warn_ghost_batchnorm
-from .algorithm.phase2 import make_sgd
 from .checkpointing.files import save_weights, weights_identity, write_json, write_text
 from .checkpointing.resume import Start, find_start
 from .checkpointing.rundir import discard_outputs
@@ -127,8 +126,9 @@ class RunContext:
         if recipe.model.channels_last:
             module = module.to(memory_format=torch.channels_last)
         compile_in_place(module, recipe.model.compile)
-        model, optimizer = accelerator.prepare(module, make_sgd(module, recipe.optimizer, recipe.phase1.first_lr,
-                                                                fp16=recipe.mixed_precision == "fp16"))
+        optimizer = make_sgd(module.parameters(), recipe.optimizer, recipe.phase1.first_lr, device=accelerator.device,
+                             fp16=recipe.mixed_precision == "fp16")
+        model, optimizer = accelerator.prepare(module, optimizer)
         # Phase 1's comm hook also measures the gradient noise scale. Not with fp16: its gradients carry
         # the loss scale, which changes at skips and growths, and overflow to inf.
         noise = None if recipe.mixed_precision == "fp16" else GradientNoise.attach(model)

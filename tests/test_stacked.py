@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import swap_accel  # noqa: F401  (registers resnet9)
-from swap_accel.algorithm.phase2 import make_sgd
+from swap_accel.algorithm.loop import make_sgd
 from swap_accel.algorithm.stacked import StackedWorkers
 from swap_accel.models import build_model
 from swap_accel.recipe import OptimizerConfig
@@ -46,7 +46,7 @@ def test_stacked_workers_equal_workers_trained_in_turn(channels_last):
     for k in range(3):
         worker = copy.deepcopy(module)
         worker.load_state_dict(starts[k])
-        sgd = make_sgd(worker, OPT, rates[0])
+        sgd = make_sgd(worker.parameters(), OPT, rates[0], device=torch.device("cpu"))
         for step, lr in enumerate(rates):
             for group in sgd.param_groups:
                 group["lr"] = lr

@@ -260,7 +260,8 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
     from swap_accel.data.sources import InMemorySource
     from swap_accel.parallel.distributed import data_parallel, make_accelerator
     from swap_accel.algorithm.loop import LoopContext
-    from swap_accel.algorithm.phase2 import make_sgd, train_phase2
+    from swap_accel.algorithm.loop import make_sgd
+    from swap_accel.algorithm.phase2 import train_phase2
     from swap_accel.recipe import AugmentConfig, LRConfig, OptimizerConfig, Phase2Config
     from swap_accel.data.sampling import worker_order
     from swap_accel.algorithm.schedules import make_schedule
@@ -306,7 +307,7 @@ SHARD_WEIGHT_SCRIPT = textwrap.dedent("""
         # One process, the group's very blocks: the mean loss over every sample of a block (weighted=True), or
         # the mean of the two members' slice means (what an unweighted all-reduce of a 3/2 tail gives).
         ref = fresh()
-        sgd = make_sgd(ref, opt, cfg.lr.peak)
+        sgd = make_sgd(ref.parameters(), opt, cfg.lr.peak, device=acc.device)
         lr_at = make_schedule(cfg.lr, epochs=1, steps_per_epoch=3)
         order = worker_order(n, seed=0, worker=0, epoch=0)
         for step, block in enumerate(order.split([100, 100, 5])):

@@ -282,14 +282,15 @@ def test_fp16_fused_sgd_equals_plain_sgd_through_skipped_first_steps():
     """make_sgd(fp16=True) is fused, so the loss scaler's inf check stays on the device; torch's fused
     SGD leaves its momentum buffers uninitialised when the first step is skipped. The pre-zeroed buffers make
     it bitwise the plain SGD through skipped and applied steps alike."""
-    from swap_accel.algorithm.phase2 import make_sgd
+    from swap_accel.algorithm.loop import make_sgd
     from swap_accel.parallel.precision import LossScale
     from swap_accel.recipe import OptimizerConfig
 
     def train(fp16: bool):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-        optimizer = make_sgd(model, OptimizerConfig(momentum=0.9, nesterov=True, weight_decay=5e-4), 0.1, fp16=fp16)
+        optimizer = make_sgd(model.parameters(), OptimizerConfig(momentum=0.9, nesterov=True, weight_decay=5e-4),
+                             0.1, device=torch.device("cpu"), fp16=fp16)
         scale = LossScale(torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2))
         for _ in range(12):
             with torch.autocast("cpu", dtype=torch.float16):
@@ -302,6 +303,33 @@ def test_fp16_fused_sgd_equals_plain_sgd_through_skipped_first_steps():
     (fused, fused_scale), (plain, plain_scale) = train(True), train(False)
     assert fused_scale == plain_scale and fused_scale["skipped_steps"] >= 2 and fused_scale["growths"] >= 1
     assert torch.isfinite(fused).all() and torch.equal(fused, plain)
+
+
+def test_sgd_is_fused_for_cuda_and_computes_the_default_sgds_update():
+    """Training on CUDA takes the fused SGD (one kernel per step for all parameters; the tuned loop of
+    benchmarks/gpu_speed.py uses it); on a CPU torch's default stays, so CPU runs keep their pinned numbers. The
+    fused update is the same arithmetic: asked for CUDA while the tensors stay here (torch has a fused CPU kernel
+    too), it follows the default SGD through momentum, Nesterov and weight decay within float rounding."""
+    from swap_accel.algorithm.loop import make_sgd
+    from swap_accel.recipe import OptimizerConfig
+
+    def train(device: str):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        flat = lambda: torch.cat([p.detach().flatten() for p in model.parameters()])  # noqa: E731
+        start = flat()
+        optimizer = make_sgd(model.parameters(), OptimizerConfig(momentum=0.9, nesterov=True, weight_decay=5e-4),
+                             0.1, device=torch.device(device))
+        for _ in range(10):
+            torch.nn.functional.cross_entropy(model(torch.randn(32, 8)), torch.randint(0, 3, (32,))).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return start, flat(), optimizer.defaults["fused"]
+
+    (start, for_cuda, fused), (_, for_cpu, default) = train("cuda"), train("cpu")
+    assert fused is True and not default
+    assert (for_cpu - start).abs().max() > 1e-2  # it trained
+    torch.testing.assert_close(for_cuda, for_cpu)
 
 
 def test_noise_scale_estimates_say_they_exclude_weight_decay_and_are_coupled_through_batchnorm():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,31 @@ from ..checkpointing.resume import restore_loop
 from ..checkpointing.saver import Checkpointer
 from ..data.sources import DataSource
 from ..recipe import OptimizerConfig
+
+
+def make_sgd(params: Iterable[torch.Tensor], opt_cfg: OptimizerConfig, lr: float, *, device: torch.device,
+             fp16: bool = False) -> torch.optim.SGD:
+    """The SGD every loop trains with (momentum, Nesterov, weight decay), for parameters that train on `device`.
+
+    Fused on CUDA: one kernel updates every parameter where torch's default there (foreach) launches several per
+    step, and a small-batch worker's step is launch-bound; torch.optim's documentation ranks fused the fastest of
+    its implementations, and benchmarks/gpu_speed.py's tuned loop uses it. Fused with fp16 on any device: it
+    applies the loss scaler's inf check on the device, where torch's GradScaler would otherwise read it on the host
+    every step (precision.LossScale). A CPU run in fp32 or bf16 keeps torch's default, so its numbers are
+    bitwise what they were (benchmarks/pinned.py)."""
+    params = list(params)
+    fused = fp16 or torch.device(device).type == "cuda"
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=opt_cfg.momentum,
+                                nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0, weight_decay=opt_cfg.weight_decay,
+                                fused=True if fused else None)
+    if fp16 and opt_cfg.momentum > 0:
+        # torch 2.14's fused SGD makes its momentum buffers with empty_like on the first step and leaves them so
+        # when the scaler skips that step (inf gradients, common at fp16's first scale): garbage, then NaN (seen
+        # on CPU; the same Python code feeds the CUDA kernel). Zeros from the start give the first step's
+        # buf = grad exactly (dampening 0), bitwise what the unfused SGD computes.
+        for param in params:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
 
 
 @dataclass(frozen=True)

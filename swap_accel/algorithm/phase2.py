@@ -32,9 +32,9 @@ from ..data.sampling import (
 )
 from ..parallel.distributed import all_reduce_sum, all_true, broadcast_buffers_
 from ..parallel.precision import LossScale, new_scaler
-from ..recipe import OptimizerConfig, Phase2Config
+from ..recipe import Phase2Config
 from ..topology import Seat
-from .loop import EpochLoop, LoopContext, LoopResult, require_finite
+from .loop import EpochLoop, LoopContext, LoopResult, make_sgd, require_finite
 from .schedules import EpochSchedule
 
 
@@ -42,22 +42,6 @@ from .schedules import EpochSchedule
 class Phase2Result(LoopResult):
     samples_per_epoch: list[int] = field(default_factory=list)
     order_digests: list[str] = field(default_factory=list)
-
-
-def make_sgd(module: torch.nn.Module, opt_cfg: OptimizerConfig, lr: float, *, fp16: bool = False) -> torch.optim.SGD:
-    """fp16 takes the fused SGD: it applies the loss scaler's inf check on the device, where torch's GradScaler
-    would otherwise read it on the host every step (precision.LossScale); other precisions keep the default."""
-    optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=opt_cfg.momentum,
-                                nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0, weight_decay=opt_cfg.weight_decay,
-                                fused=True if fp16 else None)
-    if fp16 and opt_cfg.momentum > 0:
-        # torch 2.14's fused SGD makes its momentum buffers with empty_like on the first step and leaves them so
-        # when the scaler skips that step (inf gradients, common at fp16's first scale): garbage, then NaN (seen
-        # on CPU; the same Python code feeds the CUDA kernel). Zeros from the start give the first step's
-        # buf = grad exactly (dampening 0), bitwise what the unfused SGD computes.
-        for param in module.parameters():
-            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
-    return optimizer
 
 
 def _member_seed(seed: int, purpose: int, *keys: int, member: int) -> int:
@@ -85,7 +69,8 @@ def train_phase2(
     group, member, members = seat.group, seat.member, seat.members
     # fp16: a scaler per worker, as every optimizer needs its own; None otherwise.
     loss_scale = LossScale(new_scaler(accelerator))
-    optimizer = make_sgd(module, opt_cfg, cfg.first_lr, fp16=loss_scale.scaler is not None)
+    optimizer = make_sgd(module.parameters(), opt_cfg, cfg.first_lr, device=accelerator.device,
+                         fp16=loss_scale.scaler is not None)
     n = source.num_samples
     schedule = EpochSchedule(cfg.stages, cfg.lr, epochs=cfg.epochs, batch_size=cfg.per_worker_batch_size,
                              batch_key="per_worker_batch_size",

@@ -28,8 +28,8 @@ from ..checkpointing.snapshots import CycleSamples
 from ..data.sampling import AUGMENT, derive_seed, digest, worker_blocks, worker_order, worker_shard
 from ..parallel.precision import LossScale
 from ..recipe import OptimizerConfig, Phase2Config
-from .loop import EpochLoop, LoopContext, require_finite
-from .phase2 import Phase2Result, make_sgd
+from .loop import EpochLoop, LoopContext, make_sgd, require_finite
+from .phase2 import Phase2Result
 from .schedules import EpochSchedule
 
 
@@ -46,9 +46,8 @@ class StackedWorkers:
         # The architecture without storage: functional_call reads every tensor from the stacks.
         self._template = copy.deepcopy(module).to("meta").train()
         self.label_smoothing = opt_cfg.label_smoothing
-        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=lr, momentum=opt_cfg.momentum,
-                                         nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
-                                         weight_decay=opt_cfg.weight_decay)
+        device = next(iter(self.params.values())).device
+        self.optimizer = make_sgd(self.params.values(), opt_cfg, lr, device=device)  # the one a worker alone gets
 
     def _loss(self, params, buffers, x, y):
         logits = functional_call(self._template, (params, buffers), (x,))
@@ -124,7 +123,7 @@ def train_stacked(ctx: LoopContext, module: torch.nn.Module, cfg: Phase2Config, 
         module.load_state_dict(origin)
         momentum = {}
         if resume is not None:
-            optimizer = make_sgd(module, opt_cfg, cfg.first_lr)
+            optimizer = make_sgd(module.parameters(), opt_cfg, cfg.first_lr, device=device)
             restore_optimizer(resume, module, optimizer, none)
             momentum = {name: optimizer.state[p].get("momentum_buffer") for name, p in module.named_parameters()}
         loop = EpochLoop(result, ctx, epochs=cfg.epochs, totals_size=4, generator=generator, resume=resume,
@@ -144,7 +143,7 @@ def train_stacked(ctx: LoopContext, module: torch.nn.Module, cfg: Phase2Config, 
 
     def save(k: int, epoch: int, step_in_epoch: int, lr: float) -> None:
         hold(k)
-        optimizer = make_sgd(module, opt_cfg, lr)
+        optimizer = make_sgd(module.parameters(), opt_cfg, lr, device=device)
         for name, p in module.named_parameters():
             buffer = stacked.momentum(k)[name]
             if buffer is not None:
