@@ -55,8 +55,9 @@ def main() -> None:
     ours, ours_opt = accelerator.prepare(m, make_sgd(m.parameters(), opt_cfg, 0.1, device=accelerator.device))
     CollectiveCounter.watch_ddp(ours)
     m = model()
+    fused = accelerator.device.type == "cuda" or None  # the kernel make_sgd picks for this device, on both sides
     bare, bare_opt = accelerator.prepare(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                                            weight_decay=5e-4))
+                                                            weight_decay=5e-4, fused=fused))
     cfg1 = Phase1Config(global_batch_size=args.global_batch, max_epochs=1, lr=LRConfig(peak=0.1))
     sub1 = fashion(accelerator.device, train_subset=n1)
     gen = torch.Generator().manual_seed(rank)
@@ -84,7 +85,8 @@ def main() -> None:
     n2 = args.steps * args.worker_batch
     sub2 = fashion(accelerator.device, train_subset=n2)
     worker_model, plain_model = model(), model()
-    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                fused=fused)
     cfg2 = Phase2Config(per_worker_batch_size=args.worker_batch, epochs=1, lr=LRConfig(peak=0.05))
 
     # One worker per process, as the quickstart runs them: each rank's monitor knows its worker.

@@ -127,7 +127,9 @@ def average(
 
         parsed = load_recipe(recipe, [*(overrides or []), *([f"phase3.selection={selection}"] if selection else [])])
         check_model_name(parsed.model.name)
-        chosen = any(o.split("=", 1)[0].strip() == "mixed_precision" for o in overrides or [])
+        # A precision set on the command line is a choice, which phase 3 honours; `auto` is not one.
+        chosen = any(o.split("=", 1)[0].strip() == "mixed_precision" and o.split("=", 1)[1].strip() != "auto"
+                     for o in overrides or [] if "=" in o)
         workers = resolve_workers(checkpoints, parsed, precision_chosen=chosen)
         check_out(out, overwrite)
         prepare_data(parsed.data)

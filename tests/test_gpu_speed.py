@@ -74,3 +74,5 @@ def test_gpu_defaults_dry_run_resolves_auto_to_the_cpu_defaults(tmp_path):
     report = _dry_run("gpu_defaults", tmp_path)
     assert (report["mixed_precision"], report["channels_last"], report["capability"]) == ("no", False, None)
     assert report["no_context_created"] is True and report["torch"]
+    sgd = report["fused_sgd"]  # the CPU's fused kernel here; CUDA's on a GPU
+    assert sgd["fused"] is True and sgd["agrees"] is True and sgd["steps"] == 20, sgd

@@ -90,13 +90,13 @@ def _refused(argv: list[str], monkeypatch, *fragments: str) -> str:
     return lines[0]
 
 
-def _without_provenance(source: Path, target: Path) -> Path:
-    """A copy of checkpoint `source` as a swap_accel that recorded no data provenance would have written it."""
+def _without_provenance(source: Path, target: Path, record: str = "data") -> Path:
+    """A copy of checkpoint `source` as a swap_accel that did not record `record` would have written it."""
     staging = target.with_name(f".{target.name}.tmp")
     staging.mkdir(parents=True)
     shutil.copy(source / "model.safetensors", staging / "model.safetensors")
     manifest = json.loads((source / "manifest.json").read_text())
-    info = {k: v for k, v in manifest.items() if k not in ("format", "files", "data")}
+    info = {k: v for k, v in manifest.items() if k not in ("format", "files", record)}
     commit_checkpoint(staging, target, ["model.safetensors"], info)
     return target
 
@@ -181,10 +181,22 @@ def test_average_refuses_a_recipe_whose_auto_precision_is_not_the_workers(run, m
     _refused(["average", run.out, "--recipe", run.recipe, *out], monkeypatch,
              f"{run.ckpts / 'p2-w0-end'} was trained with mixed_precision 'no'", "averages with 'bf16'",
              "--set mixed_precision=no", "their run's recipe.yaml")
+    _refused(["average", run.out, "--recipe", run.recipe, "--set", "mixed_precision=auto", *out], monkeypatch,
+             "was trained with mixed_precision 'no'")  # auto is not a choice
     for chosen in (["--recipe", run.out / "recipe.yaml"], ["--recipe", run.recipe, "--set", "mixed_precision=bf16"]):
         code, lines, started = _invoke(["average", run.out, *chosen, *out], monkeypatch)
         assert code == 0 and [s[0] for s in started] == ["average"], (chosen, lines)
         assert started[0][1][0].mixed_precision == ("no" if len(chosen) == 2 else "bf16"), chosen
+    # A worker written before manifests recorded its precision: its run's recipe.yaml says it, while it lies in its
+    # run; moved out of it, nothing does, and it is not checked.
+    old = run.tmp / "old-precision"
+    worker = _without_provenance(run.ckpts / "p2-w0-end", old / "checkpoints" / "p2-w0-end", "mixed_precision")
+    shutil.copy(run.out / "recipe.yaml", old / "recipe.yaml")
+    _refused(["average", worker, "--recipe", run.recipe, *out], monkeypatch,
+             f"{worker} was trained with mixed_precision 'no'")
+    moved = _without_provenance(worker, old / "moved" / "p2-w0-end", "mixed_precision")
+    code, lines, started = _invoke(["average", moved, "--recipe", run.recipe, *out], monkeypatch)
+    assert code == 0 and [s[0] for s in started] == ["average"], lines
 
 
 def test_average_takes_a_dead_workers_samples_from_its_own_run(run, tmp_path):

@@ -332,6 +332,31 @@ def test_sgd_is_fused_for_cuda_and_computes_the_default_sgds_update():
     torch.testing.assert_close(for_cuda, for_cpu)
 
 
+def test_a_resumed_optimizer_steps_with_the_kernel_built_for_its_device_not_the_writers(tmp_path):
+    """An optimizer.pt written on CUDA says fused; resumed where make_sgd builds torch's default SGD (a CPU in fp32),
+    it keeps that default and the momentum it restored, instead of the writer's kernel (load_state_dict would carry
+    the flag over)."""
+    from swap_accel.algorithm.loop import make_sgd
+    from swap_accel.checkpointing.files import save_weights
+    from swap_accel.checkpointing.resume import restore_optimizer
+    from swap_accel.parallel.precision import LossScale
+    from swap_accel.recipe import OptimizerConfig
+
+    torch.manual_seed(0)
+    model, opt_cfg = torch.nn.Linear(4, 3), OptimizerConfig(momentum=0.9)
+    written = make_sgd(model.parameters(), opt_cfg, 0.1, device=torch.device("cuda"))  # fused, as on a GPU
+    model(torch.randn(8, 4)).sum().backward()
+    written.step()
+    save_weights(tmp_path / "model.safetensors", model)
+    torch.save(written.state_dict(), tmp_path / "optimizer.pt")
+    resumed = make_sgd(model.parameters(), opt_cfg, 0.1, device=torch.device("cpu"))
+    restore_optimizer(tmp_path, model, resumed, LossScale(None))
+    assert written.param_groups[0]["fused"] is True
+    assert [(g["fused"], g["foreach"]) for g in resumed.param_groups] == [(None, None)]
+    for p in model.parameters():
+        assert torch.equal(resumed.state[p]["momentum_buffer"], written.state[p]["momentum_buffer"])
+
+
 def test_noise_scale_estimates_say_they_exclude_weight_decay_and_are_coupled_through_batchnorm():
     """B_simple here is of the loss gradient alone, measured on BN-coupled batches: every estimate (results.json's
     phase1.noise_scale, transition.json) carries that, so the number is not read as the regularised objective's."""

@@ -191,6 +191,12 @@ def restore_optimizer(path: Path, module, optimizer, loss_scale: LossScale) -> N
     """Weights, optimizer and fp16 loss scaler as checkpoint `path` holds them."""
     load_weights_into(module, path)
     optimizer.load_state_dict(load_state(path / "optimizer.pt"))
+    # load_state_dict also restores which kernel the writer stepped with (fused, foreach), which is not training
+    # state: keep the one this optimizer was built with for this device (loop.make_sgd), so a checkpoint written
+    # on CUDA (fused) resumes on a CPU with the CPU's kernel, and a GradScaler meets the fused step it was set up
+    # for.
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
     if loss_scale.scaler is not None:
         loss_scale.load_state_dict(load_state(path / "scaler.pt"))
 

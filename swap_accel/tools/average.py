@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from ..algorithm.evaluate import evaluate_local, evaluate_shared
 from ..algorithm.phase3 import run_phase3
 from ..checkpointing.files import (
@@ -90,8 +92,12 @@ def _check_precision(path: Path, manifest: dict, recipe: Recipe) -> None:
     average evaluated under bf16 autocast are not the fp32 ones. A shipped recipe's `auto` resolves on the machine
     that averages (bf16 on a recent GPU, fp32 on a CPU), not on the one that trained, so the recipe's precision is
     checked against the worker's manifest; memory format only reorders the same arithmetic and is not checked.
-    A worker written before manifests recorded it is not checked."""
+    A worker written before manifests recorded it is checked against its run's recipe.yaml where it still lies in
+    its run (checkpoints/<name> under the run directory); a moved one is not checked."""
     trained = manifest.get("mixed_precision")
+    run_recipe = path.parent.parent / "recipe.yaml"
+    if trained is None and path.parent.name == ROOT and run_recipe.is_file():
+        trained = (yaml.safe_load(run_recipe.read_text()) or {}).get("mixed_precision", "no")  # "no": the default then
     if trained is None or trained == recipe.mixed_precision:
         return
     raise CheckpointError(f"{path} was trained with mixed_precision {trained!r}, but this recipe averages with "
