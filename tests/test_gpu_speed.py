@@ -1,30 +1,49 @@
-"""The GPU speed benchmarks' plumbing on CPU: `benchmarks/gpu_speed.py --dry-run` times the tuned loop and
-swap_accel's phase-1 and phase-2 loops, interleaved, for both models, and counts each step's FLOPs;
-`benchmarks/stacked_workers.py --dry-run` times one worker against stacked workers. The GPU numbers need a GPU."""
+"""The GPU measurements' plumbing on CPU, through the one command a GPU machine runs: `DRY_RUN=1 bash
+benchmarks/on_gpu.sh` runs each step's `--dry-run` under its cap and writes its JSON. `gpu_defaults` resolves `auto`
+and compares the fused SGD with the default one; `gpu_speed` times the tuned loop and swap_accel's phase-1 and phase-2
+loops, interleaved, for both models, and counts each step's FLOPs; `stacked_workers` times one worker against stacked
+workers; `loader` decodes generated ImageNet-like JPEGs through StreamingSource's decode and timm train transform at
+the three sizes of the published schedule, full and pre-resized. The GPU numbers need a GPU."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from launching import ROOT
 
 pytestmark = pytest.mark.slow
+STEPS = ["defaults", "speed", "stacked", "loader"]
 
 
-def _dry_run(benchmark: str, tmp_path) -> dict:
-    """`python -m benchmarks.<benchmark> --dry-run` in a fresh interpreter; the JSON it wrote."""
-    out = tmp_path / f"{benchmark}.json"
-    done = subprocess.run([sys.executable, "-m", f"benchmarks.{benchmark}", "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> Path:
+    """benchmarks/on_gpu.sh with DRY_RUN=1, run once for the module: the folder its steps wrote."""
+    out = tmp_path_factory.mktemp("on_gpu")
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "on_gpu.sh")], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "DRY_RUN": "1", "OUT": str(out), "PY": sys.executable})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    return out
 
 
-def test_gpu_speed_dry_run_times_both_loops_for_both_models(tmp_path):
-    report = _dry_run("gpu_speed", tmp_path)
+def _report(dry_run: Path, name: str) -> dict:
+    return json.loads((dry_run / f"{name}.json").read_text())
+
+
+def test_on_gpu_runs_every_step_to_a_clean_exit_in_its_log(dry_run):
+    log = (dry_run / "on_gpu.log").read_text()
+    assert "dry run: every step's --dry-run" in log and "torch " in log.splitlines()[1], log[:500]
+    for name in STEPS:
+        assert f"== {name}: exit 0 after" in log, log[-3000:]
+    assert "== table1" not in log  # not a default step
+
+
+def test_gpu_speed_dry_run_times_both_loops_for_both_models(dry_run):
+    report = _report(dry_run, "gpu_speed")
     assert [r["model"] for r in report["records"]] == ["resnet9", "resnet50"] and report["rounds"] == 2
     for record in report["records"]:
         # swap_accel's side runs with what `auto` gives this CPU: fp32 in NCHW, as a recipe that sets nothing.
@@ -53,11 +72,11 @@ def test_gpu_speed_dry_run_times_both_loops_for_both_models(tmp_path):
     assert "| compile s (payback steps) |" in report["table"]
 
 
-def test_stacked_workers_dry_run_times_one_worker_and_stacked_workers_interleaved(tmp_path):
+def test_stacked_workers_dry_run_times_one_worker_and_stacked_workers_interleaved(dry_run):
     """benchmarks/stacked_workers.py on CPU: one worker's epoch and K stacked workers' epoch through swap_accel's own
     phase-2 loops, alternated, for the quickstart and CIFAR-shape models; the GPU ratio (target <= 3 for 8 workers)
     needs a GPU."""
-    report = _dry_run("stacked_workers", tmp_path)
+    report = _report(dry_run, "stacked_workers")
     assert [r["model"] for r in report["records"]] == ["quickstart", "cifar"] and report["rounds"] == 2
     for r in report["records"]:
         assert r["workers"] == 2 and r["one_worker_spread"][0] <= r["one_worker_seconds"] <= r["one_worker_spread"][1]
@@ -68,11 +87,25 @@ def test_stacked_workers_dry_run_times_one_worker_and_stacked_workers_interleave
     assert "| stacked / one" in report["table"]
 
 
-def test_gpu_defaults_dry_run_resolves_auto_to_the_cpu_defaults(tmp_path):
+def test_gpu_defaults_dry_run_resolves_auto_to_the_cpu_defaults(dry_run):
     """benchmarks/gpu_defaults.py on CPU: a recipe that sets neither key trains in fp32 and NCHW here; on a GPU the
     same script checks that resolving `auto` leaves no CUDA context."""
-    report = _dry_run("gpu_defaults", tmp_path)
+    report = _report(dry_run, "gpu_defaults")
     assert (report["mixed_precision"], report["channels_last"], report["capability"]) == ("no", False, None)
     assert report["no_context_created"] is True and report["torch"]
     sgd = report["fused_sgd"]  # the CPU's fused kernel here; CUDA's on a GPU
     assert sgd["fused"] is True and sgd["agrees"] is True and sgd["steps"] == 20, sgd
+
+
+def test_loader_dry_run_measures_every_size_and_derives_cores_per_gpu(dry_run):
+    report = _report(dry_run, "loader_gpu")  # the cited GPU figure stands in for the step here
+    assert [r["size"] for r in report["rows"]] == [128, 224, 288]
+    # Photo-like JPEGs, not noise: tens of KB at quality 90 (ImageNet's are ~110 KB).
+    assert 20 < report["mean_jpeg_kb"] < 400
+    for r in report["rows"]:
+        assert r["full_jpeg"] > 0 and r["pre_resized"] > 0
+        assert r["cores_per_gpu"] == pytest.approx(r["gpu"] / r["full_jpeg"])
+    # Without a GPU the step's speed is the cited figure, scaled by pixels, and the JSON says whose it is.
+    assert "DeepLearningExamples" in report["cited_gpu"]["source"]
+    assert report["rows"][1]["gpu"] == pytest.approx(report["cited_gpu"]["images_per_s_224"])
+    assert report["rows"][0]["gpu"] == pytest.approx(report["rows"][2]["gpu"] * (288 / 128) ** 2)
