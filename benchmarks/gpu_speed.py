@@ -2,7 +2,8 @@
 
 On one device, for the CIFAR-shape ResNet-9 (width 64, 3x32x32, 10 classes) and timm's resnet50 (3x224x224, 1000
 classes), on synthetic uint8 images held on the device:
-- the tuned loop: bf16 autocast, channels-last, `torch.compile`, the fused SGD, augmentation on the device (random
+- the tuned loop: bf16 autocast, channels-last, `torch.compile`, the fused SGD, cuDNN's algorithm search
+  (`cudnn.benchmark`, a process-wide switch that swap_accel sets on CUDA too), augmentation on the device (random
   crop from 4-pixel padding and flips, per sample), nothing else;
 - swap_accel's `train_phase1` (one process, the global batch) and `train_phase2` (one worker, its batch), through
   its in-memory source, monitor and checkpointer, twice: with what a recipe that sets nothing gets on this device
@@ -229,12 +230,14 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="gpu_speed_inductor_"))
     steps, rounds = (2, 2) if args.dry_run else (args.steps, args.rounds)
     # What `mixed_precision: auto` gives this device: bf16 on an A100/H100, fp32 on a CPU (the dry run).
-    accelerator = make_accelerator(resolve_mixed_precision("auto"))
+    accelerator = make_accelerator(resolve_mixed_precision("auto"))  # on CUDA it also sets cudnn.benchmark
+    torch.backends.cudnn.benchmark = accelerator.device.type == "cuda"  # the tuned loop's, whatever swap_accel does
     records = [measure(key, accelerator, dry_run=args.dry_run, steps=steps, rounds=rounds)
                for key in args.models.split(",")]
     rendered = table(records)
     print(rendered)
-    write_gpu_result("gpu_speed", args, {"steps": steps, "rounds": rounds, "records": records, "table": rendered})
+    write_gpu_result("gpu_speed", args, {"steps": steps, "rounds": rounds, "records": records, "table": rendered,
+                                         "cudnn_benchmark": torch.backends.cudnn.benchmark})
     accelerator.end_training()
 
 

@@ -70,6 +70,7 @@ def test_gpu_speed_dry_run_times_both_loops_for_both_models(dry_run):
     # ResNet-50 at 32 px costs more FLOPs per image than the width-8 ResNet-9 at 32 px, as counted.
     assert report["records"][1]["phase1"]["flops_per_image"] > report["records"][0]["phase1"]["flops_per_image"] > 0
     assert "| compile s (payback steps) |" in report["table"]
+    assert report["cudnn_benchmark"] is False  # set on CUDA only, by swap_accel and the tuned loop alike
 
 
 def test_stacked_workers_dry_run_times_one_worker_and_stacked_workers_interleaved(dry_run):

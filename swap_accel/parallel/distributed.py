@@ -63,6 +63,12 @@ def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, p
     collective fails after `timeout_minutes` instead of the backend's own default (NCCL's
     watchdog and gloo disagree; a recipe states it once for both). `loss_scale` sets fp16's scalers."""
     cpu = not torch.cuda.is_available()
+    if not cpu:
+        # Every step repeats its convolutions' shapes (fixed batch and image sizes; a few more with progressive
+        # resizing, evaluation and a last partial batch), so cuDNN's algorithms are timed once per shape and the
+        # fastest kept, as timm's train.py and gpu_speed's tuned loop do. GPU kernels are not bitwise
+        # deterministic either way (saver._save_once); a CPU run is untouched.
+        torch.backends.cudnn.benchmark = True
     if cpu and "OMP_NUM_THREADS" not in os.environ:
         # P processes on C cores do best with C/P threads each (measured: two 1-thread
         # processes 225 img/s combined vs 183 for one 2-thread process).
