@@ -189,8 +189,11 @@ def hand_written_step(recipe, steps: int, cuda: bool, repeats: int) -> float:
     from swap_accel.data.loading import load_data
     from swap_accel.data.sampling import phase1_shard
     from swap_accel.models import build_model
+    from swap_accel.parallel.distributed import use_cudnn_benchmark
 
     device = torch.device("cuda" if cuda else "cpu")
+    if cuda:  # the cuDNN algorithm search swap_accel's accelerator turns on, whichever side runs first
+        use_cudnn_benchmark()
     data = load_data(recipe.data, device, split="train")
     model = build_model(recipe.model.name, in_chans=data.in_chans, num_classes=data.num_classes,
                         kwargs=recipe.model.kwargs, image_size=data.image_size).to(device)

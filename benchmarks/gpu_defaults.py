@@ -5,9 +5,10 @@ launcher's rank has chosen its GPU. Asking the device's compute capability must 
 made then would sit on GPU 0 in every rank of a multi-GPU launch, each holding a few hundred MiB of GPU 0's memory.
 This loads recipes/cifar10.yaml (which sets neither key) in a fresh interpreter, then asks the driver, device by
 device, whether a primary context exists (`torch._C._cuda_hasPrimaryContext`), before anything else touches CUDA.
-Then it checks the CUDA default that is no recipe key: `make_sgd` takes the fused SGD for CUDA, and its update
-follows torch's default SGD (foreach there) through momentum, Nesterov and weight decay within float rounding. On a
-CPU (the dry run) the fused kernel compared is the CPU's.
+Then it checks the two CUDA defaults that are no recipe keys: `make_sgd` takes the fused SGD for CUDA, and its update
+follows torch's default SGD (foreach there) through momentum, Nesterov and weight decay within float rounding (on a
+CPU, the dry run, the fused kernel compared is the CPU's); and swap_accel's accelerator turns on cuDNN's algorithm
+search on CUDA, and leaves it off on a CPU.
 
     .venv/bin/python -m benchmarks.gpu_defaults --out DIR/gpu_defaults.json    # on a GPU (benchmarks/on_gpu.sh)
     .venv/bin/python -m benchmarks.gpu_defaults --dry-run                    # CPU: fp32 and NCHW, no device
@@ -21,6 +22,7 @@ import torch
 
 from benchmarks.common import gpu_args, gpu_parser, write_gpu_result
 from swap_accel.algorithm.loop import make_sgd
+from swap_accel.parallel.distributed import make_accelerator
 from swap_accel.recipe import OptimizerConfig, load_recipe
 from swap_accel.recipe.device_defaults import cuda_capability
 
@@ -60,10 +62,15 @@ def main() -> None:
                "channels_last": recipe.model.channels_last, "contexts_after_resolving": contexts,
                "no_context_created": not any(contexts)}
     payload["fused_sgd"] = fused_sgd_agrees(torch.device("cuda" if devices else "cpu"))  # touches CUDA: after
+    accelerator = make_accelerator(recipe.mixed_precision)
+    payload["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    accelerator.end_training()
     print(payload)
     write_gpu_result("gpu_defaults", args, payload)
     if any(contexts):
         raise SystemExit(f"resolving `auto` created a CUDA context on devices {contexts}")
+    if payload["cudnn_benchmark"] != bool(devices):
+        raise SystemExit(f"cudnn.benchmark is {payload['cudnn_benchmark']} with {devices} CUDA devices")
     if not (payload["fused_sgd"]["fused"] and payload["fused_sgd"]["agrees"]):
         raise SystemExit(f"the fused SGD for CUDA is not the default SGD's update: {payload['fused_sgd']}")
 

@@ -230,14 +230,18 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="gpu_speed_inductor_"))
     steps, rounds = (2, 2) if args.dry_run else (args.steps, args.rounds)
     # What `mixed_precision: auto` gives this device: bf16 on an A100/H100, fp32 on a CPU (the dry run).
-    accelerator = make_accelerator(resolve_mixed_precision("auto"))  # on CUDA it also sets cudnn.benchmark
-    torch.backends.cudnn.benchmark = accelerator.device.type == "cuda"  # the tuned loop's, whatever swap_accel does
+    accelerator = make_accelerator(resolve_mixed_precision("auto"))
+    swap_accel_cudnn_benchmark = torch.backends.cudnn.benchmark  # what swap_accel chose for this device
+    # The tuned loop searches cuDNN's algorithms on CUDA whatever swap_accel chose; the switch is process-wide, so
+    # every loop here runs with it (swap_accel's choice is recorded, and checked by gpu_defaults).
+    torch.backends.cudnn.benchmark = accelerator.device.type == "cuda"
     records = [measure(key, accelerator, dry_run=args.dry_run, steps=steps, rounds=rounds)
                for key in args.models.split(",")]
     rendered = table(records)
     print(rendered)
     write_gpu_result("gpu_speed", args, {"steps": steps, "rounds": rounds, "records": records, "table": rendered,
-                                         "cudnn_benchmark": torch.backends.cudnn.benchmark})
+                                         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                                         "swap_accel_cudnn_benchmark": swap_accel_cudnn_benchmark})
     accelerator.end_training()
 
 

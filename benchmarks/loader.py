@@ -10,7 +10,7 @@ ResNet-50 bf16 training step: measured on a GPU when one is here (`--gpu`), else
 scaled to the other sizes by pixel count (a ResNet's FLOPs per image grow with its pixels).
 
     .venv/bin/python -m benchmarks.loader             # a few minutes on one core; writes benchmarks/results/loader.json
-    .venv/bin/python -m benchmarks.loader --dry-run   # seconds: 8 images, one round (tests/test_loader_benchmark.py)
+    .venv/bin/python -m benchmarks.loader --dry-run   # seconds: 8 images, one round (tests/test_gpu_speed.py)
 """
 
 from __future__ import annotations
@@ -89,11 +89,15 @@ def images_per_s(paths: list[Path], size: int, rounds: int) -> float:
 
 
 def gpu_images_per_s(size: int, steps: int = 20, batch: int = 256) -> float:
-    """A ResNet-50 bf16 training step on this GPU at `size` px (channels-last, SGD), images/s."""
+    """A ResNet-50 bf16 training step on this GPU at `size` px (channels-last, and the fused SGD and cuDNN algorithm
+    search swap_accel takes on CUDA), images/s."""
     import timm
 
+    from swap_accel.parallel.distributed import use_cudnn_benchmark
+
+    use_cudnn_benchmark()
     model = timm.create_model("resnet50").cuda().to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
 

@@ -357,6 +357,25 @@ def test_a_resumed_optimizer_steps_with_the_kernel_built_for_its_device_not_the_
         assert torch.equal(resumed.state[p]["momentum_buffer"], written.state[p]["momentum_buffer"])
 
 
+def test_cudnn_algorithm_search_stays_off_where_the_process_asked_for_deterministic_kernels():
+    """make_accelerator's rule on CUDA (called directly here: the flag is only read by cuDNN): on, unless
+    `torch.use_deterministic_algorithms` or `cudnn.deterministic` asked for kernels that pick the same way each run."""
+    from swap_accel.parallel.distributed import use_cudnn_benchmark
+
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled())
+    try:
+        for algorithms, cudnn_deterministic, expected in [(False, False, True), (True, False, False),
+                                                          (False, True, False)]:
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(algorithms)
+            torch.backends.cudnn.deterministic = cudnn_deterministic
+            assert use_cudnn_benchmark() is expected and torch.backends.cudnn.benchmark is expected
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2])
+
+
 def test_noise_scale_estimates_say_they_exclude_weight_decay_and_are_coupled_through_batchnorm():
     """B_simple here is of the loss gradient alone, measured on BN-coupled batches: every estimate (results.json's
     phase1.noise_scale, transition.json) carries that, so the number is not read as the regularised objective's."""

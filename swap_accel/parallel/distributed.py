@@ -55,20 +55,30 @@ class _DDPKwargs(DistributedDataParallelKwargs):
     forward_sync_buffers: bool = True
 
 
+def use_cudnn_benchmark() -> bool:
+    """Turn on cuDNN's algorithm search unless this process asked for deterministic kernels; says whether it is on.
+
+    Every step repeats its convolutions' shapes (fixed batch and image sizes; a few more with progressive resizing,
+    evaluation and a last partial batch), so each shape's algorithms are timed once and the fastest kept, as timm's
+    train.py does. The search picks by timing, so two runs may pick differently: a process that turned on
+    `torch.use_deterministic_algorithms` or `cudnn.deterministic` keeps the search off. GPU kernels are not bitwise
+    deterministic without those either (saver._save_once)."""
+    if not (torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic):
+        torch.backends.cudnn.benchmark = True
+    return torch.backends.cudnn.benchmark
+
+
 def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, project_dir: str | None = None,
                      timeout_minutes: float = 30.0, loss_scale: LossScaleConfig | None = None) -> Accelerator:
     """An Accelerator that is one real group whenever WORLD_SIZE > 1, on GPUs or CPU-only.
 
     `log_with`/`project_dir` select Accelerate's experiment tracker; None adds none. Every
     collective fails after `timeout_minutes` instead of the backend's own default (NCCL's
-    watchdog and gloo disagree; a recipe states it once for both). `loss_scale` sets fp16's scalers."""
+    watchdog and gloo disagree; a recipe states it once for both). `loss_scale` sets fp16's scalers. On CUDA it
+    also turns on cuDNN's algorithm search, process-wide (`use_cudnn_benchmark`)."""
     cpu = not torch.cuda.is_available()
     if not cpu:
-        # Every step repeats its convolutions' shapes (fixed batch and image sizes; a few more with progressive
-        # resizing, evaluation and a last partial batch), so cuDNN's algorithms are timed once per shape and the
-        # fastest kept, as timm's train.py and gpu_speed's tuned loop do. GPU kernels are not bitwise
-        # deterministic either way (saver._save_once); a CPU run is untouched.
-        torch.backends.cudnn.benchmark = True
+        use_cudnn_benchmark()
     if cpu and "OMP_NUM_THREADS" not in os.environ:
         # P processes on C cores do best with C/P threads each (measured: two 1-thread
         # processes 225 img/s combined vs 183 for one 2-thread process).
