@@ -122,14 +122,19 @@ def average(
         from .data.loading import prepare_data
         from .models import check_model_name
         from .recipe import load_recipe
+        from .recipe.device_defaults import AUTO, device_settings
+        from .recipe.loading import apply_override
         from .tools.average import average as run
         from .tools.average import check_out, resolve_workers
 
         parsed = load_recipe(recipe, [*(overrides or []), *([f"phase3.selection={selection}"] if selection else [])])
         check_model_name(parsed.model.name)
-        # A precision set on the command line is a choice, which phase 3 honours; `auto` is not one.
-        chosen = any(o.split("=", 1)[0].strip() == "mixed_precision" and o.split("=", 1)[1].strip() != "auto"
-                     for o in overrides or [] if "=" in o)
+        # A precision set on the command line is a choice, which phase 3 honours; `auto` is not one. The sets are
+        # read as load_recipe reads them.
+        given: dict = {}
+        for assignment in overrides or []:
+            apply_override(given, assignment)
+        chosen = device_settings(given, unset=AUTO)["mixed_precision"] != AUTO
         workers = resolve_workers(checkpoints, parsed, precision_chosen=chosen)
         check_out(out, overwrite)
         prepare_data(parsed.data)

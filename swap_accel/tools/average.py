@@ -37,6 +37,7 @@ from ..monitoring.report import averaging_summary, print_table, run_header
 from ..parallel.counting import CollectiveCounter
 from ..parallel.distributed import flat_state, load_flat_state_, make_accelerator
 from ..recipe import Recipe, dump_recipe
+from ..recipe.device_defaults import device_settings
 
 _PHASES = ("setup", "phase3", "evaluation")
 
@@ -96,8 +97,8 @@ def _check_precision(path: Path, manifest: dict, recipe: Recipe) -> None:
     its run (checkpoints/<name> under the run directory); a moved one is not checked."""
     trained = manifest.get("mixed_precision")
     run_recipe = path.parent.parent / "recipe.yaml"
-    if trained is None and path.parent.name == ROOT and run_recipe.is_file():
-        trained = (yaml.safe_load(run_recipe.read_text()) or {}).get("mixed_precision", "no")  # "no": the default then
+    if trained is None and path.parent.name == ROOT and run_recipe.is_file():  # "no": the default before `auto`
+        trained = device_settings(yaml.safe_load(run_recipe.read_text()) or {}, unset="no")["mixed_precision"]
     if trained is None or trained == recipe.mixed_precision:
         return
     raise CheckpointError(f"{path} was trained with mixed_precision {trained!r}, but this recipe averages with "
