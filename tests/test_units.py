@@ -262,8 +262,6 @@ def test_auto_resolves_from_the_training_device_when_the_recipe_loads(tmp_path, 
                       overwrite=False)
 
 
-
-
 @pytest.mark.parametrize("poison", ["weight", "running_var"])
 def test_nan_weights_or_bn_statistics_stop_before_a_checkpoint(poison):
     from types import SimpleNamespace
